@@ -1,0 +1,156 @@
+"""Configuration of the Vision Transformer (Dosovitskiy et al., 2020, arXiv 2010.11929)."""
+
+from __future__ import annotations
+
+import re
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+# Width, depth, heads and MLP size of the paper's Table 1 plus DeiT's Tiny and Small.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+    "huge": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "intermediate_size": 5120},
+}
+PRESET_PATTERN = re.compile(r"vit-(?P<size>[a-z]+)-patch(?P<patch>\d+)-(?P<image>\d+)")
+POOLINGS = ("cls", "mean")
+
+
+def to_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """Return `(height, width)` for a size given as one int or as a pair."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+@strict(accept_kwargs=True)
+class ViTCustomConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ViTCustomModel`]. The defaults give ViT-B/16 at 224x224.
+
+    Args:
+        image_size (`int` or `(height, width)`, defaults to 224): resolution the position embeddings are learned for.
+        patch_size (`int` or `(height, width)`, defaults to 16): side of the square (or rectangular) patches.
+        num_channels (`int`, defaults to 3): channels of the input images.
+        hidden_size (`int`, defaults to 768): width D of the token embeddings.
+        num_hidden_layers (`int`, defaults to 12): number of encoder layers.
+        num_attention_heads (`int`, defaults to 12): attention heads per layer; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 3072): hidden width of the MLP.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation, any key of `transformers.activations.ACT2FN`.
+        hidden_dropout_prob (`float`, defaults to 0.0): dropout after the embeddings, the attention output and the MLP.
+        attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on the attention probabilities.
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth rate of the last layer, linearly increasing from 0.
+        layer_norm_eps (`float`, defaults to 1e-6): epsilon of every LayerNorm (1e-6 as in the JAX release and timm).
+        qkv_bias (`bool`, defaults to `True`): add a bias to the fused query/key/value projection.
+        initializer_range (`float`, defaults to 0.02): standard deviation of the truncated-normal initialisation.
+        pooling (`str`, defaults to `"cls"`): image representation, the class token (`"cls"`) or the mean of the
+            patch tokens (`"mean"`).
+        interpolate_pos_encoding (`bool`, defaults to `False`): resample position embeddings to the input size by
+            default, so that models trained with `Trainer` accept other resolutions without a forward argument.
+
+    Example:
+
+    ```python
+    >>> from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
+    >>> config = ViTCustomConfig.from_preset("vit-small-patch16-224", num_labels=10)
+    >>> model = ViTCustomForImageClassification(config)
+    ```
+    """
+
+    model_type = "vit_custom"
+
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int | list[int] | tuple[int, int] = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+    pooling: str = "cls"
+    interpolate_pos_encoding: bool = False
+
+    def __post_init__(self, **kwargs):
+        # JSON turns tuples into lists; keep one spelling so that configs compare equal after a round trip.
+        if not isinstance(self.image_size, int):
+            self.image_size = list(self.image_size)
+        if not isinstance(self.patch_size, int):
+            self.patch_size = list(self.patch_size)
+        super().__post_init__(**kwargs)
+        # Check here too so that a bad value raises a plain `ValueError` at construction time; `validate()` runs
+        # the same check again when the config is saved.
+        self.validate_vit_values()
+
+    def validate_vit_values(self):
+        """Reject values the architecture cannot be built with, naming the field and the rule."""
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) and len(value) != 2:
+                raise ValueError(f"`{name}` must be an int or a (height, width) pair, got {value!r}.")
+            if any(isinstance(side, bool) or side <= 0 for side in to_pair(value)):
+                raise ValueError(f"`{name}` must be positive, got {value!r}.")
+        for name in ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` is a probability and must lie in [0, 1), got {value!r}.")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        if self.initializer_range < 0:
+            raise ValueError(f"`initializer_range` must be non-negative, got {self.initializer_range!r}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        image_height, image_width = to_pair(self.image_size)
+        patch_height, patch_width = to_pair(self.patch_size)
+        if image_height % patch_height or image_width % patch_width:
+            raise ValueError(
+                f"`image_size` {self.image_size!r} must be divisible by `patch_size` {self.patch_size!r} "
+                "along both height and width."
+            )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is unknown; choose one of {sorted(ACT2FN)}.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}, got {self.pooling!r}.")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches along height and width at the configured `image_size`."""
+        image_height, image_width = to_pair(self.image_size)
+        patch_height, patch_width = to_pair(self.patch_size)
+        return image_height // patch_height, image_width // patch_width
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> ViTCustomConfig:
+        """Build a named size: `vit-{tiny,small,base,large,huge}-patch{P}-{RESOLUTION}`, e.g. `vit-small-patch16-224`.
+
+        Keyword arguments override the preset (`num_labels=10`, `drop_path_rate=0.1`, ...).
+        """
+        match = PRESET_PATTERN.fullmatch(name)
+        if match is None or match["size"] not in MODEL_SIZES:
+            raise ValueError(
+                f"Unknown preset {name!r}: expected 'vit-SIZE-patchP-RESOLUTION' with SIZE one of "
+                f"{list(MODEL_SIZES)}, e.g. 'vit-base-patch16-224'."
+            )
+        preset = {
+            **MODEL_SIZES[match["size"]],
+            "patch_size": int(match["patch"]),
+            "image_size": int(match["image"]),
+        }
+        return cls(**{**preset, **kwargs})
+
+
+__all__ = ["MODEL_SIZES", "ViTCustomConfig"]

@@ -1,0 +1,389 @@
+"""PyTorch Vision Transformer (Dosovitskiy et al., 2020, arXiv 2010.11929) as a transformers model.
+
+The forward passes follow the paper's equations:
+
+    z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos          (1)  ViTCustomEmbeddings
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                       (2)  ViTCustomEncoderLayer
+    z_l = MLP(LN(z'_l)) + z'_l                              (3)  ViTCustomEncoderLayer
+    y = LN(z_L)                                             (4)  ViTCustomModel (then pooled)
+
+This file is self-contained apart from `configuration_vit_custom.py`, because `trust_remote_code` ships exactly those
+two files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_vit_custom import ViTCustomConfig, to_pair
+
+# Written into every saved config, so that a user without this package can load the folder as an encoder or as a
+# classifier with `trust_remote_code=True`, whichever class saved it.
+AUTO_MAP = {
+    "AutoConfig": "configuration_vit_custom.ViTCustomConfig",
+    "AutoModel": "modeling_vit_custom.ViTCustomModel",
+    "AutoModelForImageClassification": "modeling_vit_custom.ViTCustomForImageClassification",
+}
+
+
+class ViTCustomPatchEmbeddings(nn.Module):
+    """Cuts the image into patches and projects each to `hidden_size` (the paper's E, as one strided convolution)."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = to_pair(config.patch_size)
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # (batch, channels, height, width) -> (batch, hidden, grid_height, grid_width) -> (batch, patches, hidden)
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class ViTCustomEmbeddings(nn.Module):
+    """Eq. 1: class token, patch embeddings and learned position embeddings."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.grid_size = config.grid_size
+        self.patch_embeddings = ViTCustomPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        num_positions = self.grid_size[0] * self.grid_size[1] + 1
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Resample the patch position embeddings bicubically to a `grid_height` x `grid_width` grid.
+
+        Works on the configured (height, width) grid, so non-square training and target sizes both resample
+        correctly; the class token's position embedding has no place on the grid and is kept as it is.
+        """
+        if (grid_height, grid_width) == self.grid_size:
+            return self.position_embeddings
+        class_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        hidden_size = patch_positions.shape[-1]
+        # (1, patches, hidden) -> (1, hidden, trained_height, trained_width)
+        patch_positions = patch_positions.reshape(1, *self.grid_size, hidden_size).permute(0, 3, 1, 2)
+        patch_positions = nn.functional.interpolate(
+            patch_positions.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        ).to(class_position.dtype)
+        # (1, hidden, grid_height, grid_width) -> (1, grid_height * grid_width, hidden)
+        patch_positions = patch_positions.flatten(2).transpose(1, 2)
+        return torch.cat((class_position, patch_positions), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        patch_height, patch_width = self.patch_embeddings.patch_size
+        grid_height, grid_width = height // patch_height, width // patch_width
+        embeddings = self.patch_embeddings(pixel_values)  # (batch, patches, hidden)
+        cls_tokens = self.cls_token.expand(batch_size, -1, -1)
+        embeddings = torch.cat((cls_tokens, embeddings), dim=1)  # (batch, patches + 1, hidden)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(grid_height, grid_width)
+        else:
+            embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d)) v, returning the attention probabilities too (the only backend that can)."""
+    attn_weights = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (batch, heads, tokens, tokens)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)  # (batch, tokens, heads, head_dim)
+    return attn_output, attn_weights
+
+
+class ViTCustomSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused query/key/value projection.
+
+    The backend (eager, SDPA, flash, flex) comes from transformers' attention registry through
+    `config._attn_implementation`. When attention weights are requested the eager path runs for that call, since the
+    fused kernels never materialise them; outputs are the same either way.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_probs_dropout_prob
+        self.is_causal = False  # read by transformers' SDPA and flash backends
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_tokens, hidden_size = hidden_states.shape
+        # (batch, tokens, 3 * hidden) -> 3 x (batch, heads, tokens, head_dim)
+        qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+        attention_interface: Callable = eager_attention_forward
+        wants_weights = kwargs.get("output_attentions", self.config.output_attentions)
+        if self.config._attn_implementation != "eager" and not wants_weights:
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        attn_output = attn_output.reshape(batch_size, num_tokens, hidden_size)  # (batch, tokens, hidden)
+        return self.proj(attn_output), attn_weights
+
+
+class ViTCustomMLP(nn.Module):
+    """Linear - GELU - Dropout - Linear - Dropout (no activation after the second linear layer)."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))  # (batch, tokens, intermediate)
+        return self.dropout(self.fc2(hidden_states))
+
+
+class ViTCustomDropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): drops a residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        keep = hidden_states.new_empty(hidden_states.shape[0], 1, 1).bernoulli_(keep_prob)
+        # Rescale the kept samples so that the expected branch output is unchanged.
+        return hidden_states * keep / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class ViTCustomEncoderLayer(GradientCheckpointingLayer):
+    """Eq. 2-3: pre-norm self-attention and pre-norm MLP, each with a residual connection."""
+
+    def __init__(self, config: ViTCustomConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ViTCustomSelfAttention(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ViTCustomMLP(config)
+        self.drop_path = ViTCustomDropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        return hidden_states
+
+
+class ViTCustomPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, backend support flags and saving shared by every ViTCustom model."""
+
+    config_class = ViTCustomConfig
+    config: ViTCustomConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTCustomEmbeddings", "ViTCustomEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": ViTCustomEncoderLayer,
+        "attentions": ViTCustomSelfAttention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal weights and zero biases, as in the JAX release and timm.
+
+        Uses `transformers.initialization`, which leaves weights loaded from a checkpoint untouched.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ViTCustomEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class ViTCustomModel(ViTCustomPreTrainedModel):
+    """The bare encoder: embeddings, `num_hidden_layers` encoder layers and the final LayerNorm (eq. 1-4)."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__(config)
+        self.embeddings = ViTCustomEmbeddings(config)
+        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList(ViTCustomEncoderLayer(config, rate) for rate in drop_path_rates)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool) -> None:
+        """Turn a user mistake into a message that names it, rather than a shape error deep inside torch."""
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: a (batch, channels, height, width) float tensor.")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"`pixel_values` must be a floating-point tensor, got {pixel_values.dtype}; "
+                "use the image processor to rescale and normalise images."
+            )
+        _, num_channels, height, width = pixel_values.shape
+        if num_channels != self.config.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {num_channels} channels but the model expects {self.config.num_channels} "
+                "(`config.num_channels`)."
+            )
+        patch_height, patch_width = to_pair(self.config.patch_size)
+        if interpolate_pos_encoding:
+            if height % patch_height or width % patch_width:
+                raise ValueError(
+                    f"Input size {height}x{width} must be divisible by the patch size {patch_height}x{patch_width}."
+                )
+        elif (height, width) != to_pair(self.config.image_size):
+            image_height, image_width = to_pair(self.config.image_size)
+            raise ValueError(
+                f"Input size {height}x{width} does not match the model's {image_height}x{image_width} "
+                "(`config.image_size`); resize the images or pass `interpolate_pos_encoding=True`."
+            )
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): images from the processor.
+            interpolate_pos_encoding (`bool`, *optional*): resample the position embeddings to the input size;
+                defaults to `config.interpolate_pos_encoding`.
+
+        Returns `last_hidden_state` (batch, patches + 1, hidden) and `pooler_output` (batch, hidden): the class token
+        or the mean of the patch tokens, as `config.pooling` says. `hidden_states` and `attentions` on request.
+        """
+        if interpolate_pos_encoding is None:
+            interpolate_pos_encoding = self.config.interpolate_pos_encoding
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)  # (batch, patches + 1, hidden)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        sequence_output = self.layernorm(hidden_states)
+
+        if self.config.pooling == "mean":
+            # The class token is not an image patch: averaging it in would mix a learned constant into the mean.
+            pooled_output = sequence_output[:, 1:].mean(dim=1)
+        else:
+            pooled_output = sequence_output[:, 0]
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
+
+
+class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
+    """The encoder with a linear head on the pooled representation.
+
+    There is no pre-logits (tanh) layer: the paper uses one only during pre-training, and a module the forward does
+    not use would trip DDP's unused-parameter check.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = ViTCustomModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): images from the processor.
+            labels (`torch.Tensor`, *optional*): class indices `(batch,)` for single-label classification, multi-hot
+                floats `(batch, num_labels)` for multi-label, or targets for regression (`num_labels == 1`); the
+                loss follows `config.problem_type`, inferred as in transformers when unset.
+            interpolate_pos_encoding (`bool`, *optional*): see [`ViTCustomModel.forward`].
+        """
+        outputs: BaseModelOutputWithPooling = self.vit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        logits = self.classifier(outputs.pooler_output)  # (batch, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "ViTCustomForImageClassification",
+    "ViTCustomModel",
+    "ViTCustomPreTrainedModel",
+]
