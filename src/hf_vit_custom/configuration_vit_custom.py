@@ -1,7 +1,5 @@
 """Configuration of the Vision Transformer (Dosovitskiy et al., 2020, arXiv 2010.11929)."""
 
-from __future__ import annotations
-
 import re
 
 from huggingface_hub.dataclasses import strict
@@ -134,7 +132,7 @@ class ViTCustomConfig(PreTrainedConfig):
         return image_height // patch_height, image_width // patch_width
 
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> ViTCustomConfig:
+    def from_preset(cls, name: str, **kwargs) -> "ViTCustomConfig":
         """Build a named size: `vit-{tiny,small,base,large,huge}-patch{P}-{RESOLUTION}`, e.g. `vit-small-patch16-224`.
 
         Keyword arguments override the preset (`num_labels=10`, `drop_path_rate=0.1`, ...).

@@ -332,11 +332,9 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
             hidden_states = layer(hidden_states, **kwargs)
         sequence_output = self.layernorm(hidden_states)
 
-        if self.config.pooling == "mean":
-            # The class token is not an image patch: averaging it in would mix a learned constant into the mean.
-            pooled_output = sequence_output[:, 1:].mean(dim=1)
-        else:
-            pooled_output = sequence_output[:, 0]
+        # Mean pooling skips the class token: it is not an image patch, and averaging it in would mix a learned
+        # constant into the image representation.
+        pooled_output = sequence_output[:, 1:].mean(dim=1) if self.config.pooling == "mean" else sequence_output[:, 0]
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
 
 
