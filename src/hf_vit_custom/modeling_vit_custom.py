@@ -233,6 +233,9 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # The loss is a per-batch mean that ignores `num_items_in_batch`; telling Trainer so makes it divide by the
+    # accumulation steps and leave the DDP scale alone (otherwise it multiplies the loss by the world size).
+    accepts_loss_kwargs = False
     _can_record_outputs = {
         "hidden_states": ViTCustomEncoderLayer,
         "attentions": ViTCustomSelfAttention,
@@ -374,7 +377,7 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
         logits = self.classifier(outputs.pooler_output)  # (batch, num_labels)
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
+            loss = self.loss_function(labels, logits, self.config)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

@@ -1,0 +1,343 @@
+"""Training glue shared by the Trainer and Accelerate entry points: arguments, model set-up, optimiser groups."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+    set_seed,
+)
+
+from .configuration_vit_custom import ViTCustomConfig, to_pair
+from .data import ImageClassificationTransform, build_datasets, collate_fn, default_image_processor, label_maps
+from .metrics import build_compute_metrics
+
+logger = logging.getLogger(__name__)
+
+# A ViT sized for the bundled 8x8 digits: 2x2 patches give 16 tokens plus the class token.
+DIGITS_CONFIG = {
+    "image_size": 8,
+    "patch_size": 2,
+    "num_channels": 3,
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+}
+# Trained from scratch on anything else unless `--config_name` says otherwise.
+DEFAULT_PRESET = "vit-tiny-patch16-224"
+# Learned tokens that act like embeddings: decaying them towards zero only erases what they encode (timm's
+# `no_weight_decay()` excludes the same two).
+NO_DECAY_PARAMETERS = ("cls_token", "position_embeddings")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a checkpoint to fine-tune, or a configuration to train from scratch."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Checkpoint to fine-tune: a local folder or a Hub id."}
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from scratch: a preset such as 'vit-small-patch16-224', or a config folder / Hub id. "
+            "Defaults to a small ViT for the bundled digits, or 'vit-tiny-patch16-224' for other data."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated config overrides, e.g. 'hidden_size=128,drop_path_rate=0.1'."},
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor folder or Hub id; defaults to the model's own."}
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention backend: eager, sdpa, flash_attention_2 or flex_attention."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub checkpoint."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from. With none of `dataset_name` / `train_dir`, the bundled digits are used."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A data set on the Hub (online or cached)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder, one sub-folder per class."})
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "Validation image folder; otherwise a split of the training data."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    validation_size: float = field(default=0.1, metadata={"help": "Share of train held out when no validation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation sets."})
+    horizontal_flip: bool = field(
+        default=False, metadata={"help": "Augment with horizontal flips (wrong for digits and text)."}
+    )
+    min_crop_scale: float = field(
+        default=0.8, metadata={"help": "Smallest area share kept by the random resized crop (1.0 disables it)."}
+    )
+
+
+@dataclass
+class ViTTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults that train the digits model well on a laptop CPU."""
+
+    output_dir: str | None = field(default="outputs/vit-digits", metadata={"help": "Where everything is written."})
+    num_train_epochs: float = field(default=30.0, metadata={"help": "Passes over the training set."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per process."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size per process."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.05, metadata={"help": "Decoupled weight decay of the weight matrices."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a share of all steps if < 1."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps or epoch."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    # Same annotation as the parent's: HfArgumentParser reads the optional type from the union's first member.
+    report_to: None | str | list[str] = field(  # noqa: RUF036
+        default="tensorboard", metadata={"help": "Loggers: tensorboard, none."}
+    )
+    # `with_transform` needs the raw image column, which Trainer would otherwise drop before the transform runs.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw columns for the transform."})
+    num_demo_predictions: int = field(
+        default=8, metadata={"help": "Test images classified by the reloaded model at the end (0 to skip)."}
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without a better `metric_for_best_model` (accuracy)."},
+    )
+
+    # The model has no unused parameters (every module takes part in the forward), so DDP can skip the search.
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's unused-parameter search."})
+
+    def __post_init__(self):
+        # Without an accelerator, Trainer sets up `torchrun` workers as a process group but trains each alone
+        # (parallel_mode stays NOT_PARALLEL); `use_cpu` makes them a real DDP group over gloo.
+        if not self.use_cpu and not torch.accelerator.is_available():
+            self.use_cpu = True
+        if self.early_stopping_patience is not None:
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = self.metric_for_best_model or "accuracy"
+        super().__post_init__()
+
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay: weight matrices and convolution kernels only.
+
+    Biases, LayerNorm parameters, the class token and the position embeddings are left alone (transformers'
+    default decays everything that is not a LayerNorm or bias, position embeddings included).
+    """
+    return [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.ndim >= 2 and not name.endswith(NO_DECAY_PARAMETERS)
+    ]
+
+
+def optimizer_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups built from `decay_parameter_names`, for loops that make their own optimiser."""
+    decay = set(decay_parameter_names(model))
+    parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for name, p in parameters if name in decay], "weight_decay": weight_decay},
+        {"params": [p for name, p in parameters if name not in decay], "weight_decay": 0.0},
+    ]
+
+
+class ViTTrainer(Trainer):
+    """Trainer whose optimiser decays only the parameters `decay_parameter_names` selects."""
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        return decay_parameter_names(model)
+
+
+def build_config(model_args: ModelArguments, uses_default_data: bool, **label_kwargs) -> ViTCustomConfig:
+    """The configuration to train from scratch, with the data's labels and any `--config_overrides`."""
+    if model_args.config_name is None:
+        preset = DIGITS_CONFIG if uses_default_data else ViTCustomConfig.from_preset(DEFAULT_PRESET).to_diff_dict()
+        config = ViTCustomConfig(**{**preset, **label_kwargs})
+    elif os.path.exists(model_args.config_name) or "/" in model_args.config_name:
+        config = AutoConfig.from_pretrained(
+            model_args.config_name, revision=model_args.model_revision, cache_dir=model_args.cache_dir, **label_kwargs
+        )
+    else:
+        config = ViTCustomConfig.from_preset(model_args.config_name, **label_kwargs)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+        config.validate()
+    return config
+
+
+def build_model_and_processor(model_args: ModelArguments, uses_default_data: bool, id2label: dict[int, str]):
+    """A classifier for the data's labels and the image processor that feeds it.
+
+    Fine-tuning a checkpoint whose label set differs replaces its head (`ignore_mismatched_sizes`).
+    """
+    label_kwargs = {
+        "num_labels": len(id2label),
+        "id2label": id2label,
+        "label2id": {label: index for index, label in id2label.items()},
+    }
+    if model_args.model_name_or_path:
+        hub_kwargs = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs, **label_kwargs)
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            attn_implementation=model_args.attn_implementation,
+            **hub_kwargs,
+        )
+        processor_source = model_args.image_processor_name or model_args.model_name_or_path
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(processor_source, **hub_kwargs)
+        except OSError:
+            logger.warning("No image processor in %s: using defaults for the model's size.", processor_source)
+            image_processor = default_image_processor(to_pair(config.image_size), config.num_channels)
+    else:
+        config = build_config(model_args, uses_default_data, **label_kwargs)
+        model = AutoModelForImageClassification.from_config(config, attn_implementation=model_args.attn_implementation)
+        if model_args.image_processor_name:
+            image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name)
+        else:
+            image_processor = default_image_processor(to_pair(config.image_size), config.num_channels)
+    return model, image_processor
+
+
+def plot_training_curve(log_history: list[dict], path: str | os.PathLike) -> None:
+    """Save training / validation loss and validation accuracy against the step as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    evaluation = [entry for entry in log_history if "eval_loss" in entry]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        loss_axis.plot(*zip(*train, strict=True), label="train")
+    if evaluation:
+        loss_axis.plot([e["step"] for e in evaluation], [e["eval_loss"] for e in evaluation], label="validation")
+        accuracy_axis.plot([e["step"] for e in evaluation], [e.get("eval_accuracy") for e in evaluation], "o-")
+    loss_axis.set(xlabel="step", ylabel="loss", title="Loss")
+    loss_axis.legend()
+    accuracy_axis.set(xlabel="step", ylabel="accuracy", title="Validation accuracy")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def reload_and_predict(model_dir: str | os.PathLike, dataset) -> list[dict[str, str]]:
+    """Load a saved model the way a user would (Auto classes, `pipeline`) and classify `dataset`'s images.
+
+    Returns one `{"predicted", "true", "score"}` row per image.
+    """
+    model = AutoModelForImageClassification.from_pretrained(model_dir)
+    classifier = pipeline(
+        "image-classification", model=model, image_processor=AutoImageProcessor.from_pretrained(model_dir)
+    )
+    names = dataset.features["label"].names
+    predictions = classifier(list(dataset["image"]), top_k=1)
+    return [
+        {"predicted": prediction[0]["label"], "true": names[label], "score": round(prediction[0]["score"], 4)}
+        for prediction, label in zip(predictions, dataset["label"], strict=True)
+    ]
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: ViTTrainingArguments) -> dict:
+    """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    datasets = build_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        validation_size=data_args.validation_size,
+        seed=training_args.seed,
+        cache_dir=model_args.cache_dir,
+    )
+    uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
+    id2label, _ = label_maps(datasets["train"])
+    model, image_processor = build_model_and_processor(model_args, uses_default_data, id2label)
+
+    if data_args.max_train_samples is not None:
+        datasets["train"] = datasets["train"].select(range(min(data_args.max_train_samples, len(datasets["train"]))))
+    eval_splits = [split for split in ("validation", "test") if split in datasets]
+    for split in eval_splits:
+        if data_args.max_eval_samples is not None:
+            datasets[split] = datasets[split].select(range(min(data_args.max_eval_samples, len(datasets[split]))))
+    raw_test = datasets.get("test", datasets["validation"])  # the demo shows untransformed images
+    augment = ImageClassificationTransform(
+        image_processor,
+        num_channels=model.config.num_channels,
+        train=True,
+        horizontal_flip=data_args.horizontal_flip,
+        crop_scale=(data_args.min_crop_scale, 1.0) if data_args.min_crop_scale < 1.0 else None,
+        # The global torch generator (seeded by `set_seed`) is saved in every checkpoint and restored on resume, so
+        # a resumed run draws the same crops as an uninterrupted one; a private generator would restart.
+        seed=None,
+    )
+    plain = ImageClassificationTransform(image_processor, num_channels=model.config.num_channels, train=False)
+    datasets["train"] = datasets["train"].with_transform(augment)
+    for split in eval_splits:
+        datasets[split] = datasets[split].with_transform(plain)
+
+    callbacks = []
+    if training_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+    trainer = ViTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"],
+        data_collator=collate_fn,
+        processing_class=image_processor,
+        compute_metrics=build_compute_metrics(model.config.num_labels),
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    logger.info(
+        "Trained with world size %d, model wrapped in %s",
+        training_args.world_size,
+        type(trainer.model_wrapped).__name__,
+    )
+    trainer.save_model()
+    trainer.save_state()
+    metrics = dict(train_result.metrics)
+    metrics.update(trainer.evaluate(metric_key_prefix="eval"))
+    if "test" in datasets:
+        metrics.update(trainer.evaluate(datasets["test"], metric_key_prefix="test"))
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics, combined=False)
+
+    if trainer.is_world_process_zero():
+        plot_training_curve(trainer.state.log_history, Path(training_args.output_dir) / "training_curve.png")
+    if trainer.is_world_process_zero() and training_args.num_demo_predictions:
+        metrics["demo_predictions"] = reload_and_predict(
+            training_args.output_dir, raw_test.select(range(min(training_args.num_demo_predictions, len(raw_test))))
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(
+            tags=["image-classification", "vision", "vit_custom"],
+            dataset=data_args.dataset_name or data_args.train_dir or "sklearn-digits",
+            finetuned_from=model_args.model_name_or_path,
+        )
+    return metrics
