@@ -66,8 +66,8 @@ class AccelerateArguments:
         default="outputs/vit-digits-accelerate", metadata={"help": "Where model, checkpoints and logs are written."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the model's initialisation, the shuffling and the crops."})
-    num_train_epochs: int = field(default=30, metadata={"help": "Passes over the training set."})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per process."})
+    num_train_epochs: int = field(default=60, metadata={"help": "Passes over the training set."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size per process."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.05, metadata={"help": "Decoupled weight decay of the weight matrices."})
