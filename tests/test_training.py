@@ -155,7 +155,7 @@ def test_train_on_digits_writes_a_model_that_loads_and_predicts(tmp_path):
     assert {row["true"] for row in metrics["demo_predictions"]} <= {str(d) for d in range(10)}
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert reloaded.config.id2label == {d: str(d) for d in range(10)}
-    assert reloaded.config.image_size == 8
+    assert reloaded.config.image_size == 16
     with Image.open(tmp_path / "training_curve.png") as curve:
         assert curve.size == (1000, 400)
 
@@ -311,3 +311,14 @@ def test_bad_dataset_column_stops_before_training(tmp_path):
     with pytest.raises(ValueError, match="image_column"):
         train(*parse([*quick_args(tmp_path / "out"), "--train_dir", str(folder), "--image_column", "img"]))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_main_job_reaches_the_accuracy_bar_with_default_arguments(tmp_path):
+    """The README's first command: default digits run, saved, reloaded through the Auto classes and `pipeline`."""
+    result = run_script(["--output_dir", str(tmp_path), "--report_to", "none", "--disable_tqdm", "true"], timeout=600)
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert results["test_accuracy"] >= 0.97
+    assert f"Test accuracy: {results['test_accuracy']:.4f}" in result.stdout
+    prediction_lines = [line for line in result.stdout.splitlines() if line.strip().startswith("predicted")]
+    assert len(prediction_lines) == 8
+    assert sum(line.split()[1] == line.split()[3] for line in prediction_lines) >= 6
