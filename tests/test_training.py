@@ -322,3 +322,14 @@ def test_main_job_reaches_the_accuracy_bar_with_default_arguments(tmp_path):
     prediction_lines = [line for line in result.stdout.splitlines() if line.strip().startswith("predicted")]
     assert len(prediction_lines) == 8
     assert sum(line.split()[1] == line.split()[3] for line in prediction_lines) >= 6
+
+
+def test_early_stopping_ends_training_when_accuracy_stops_improving(tmp_path):
+    # A learning rate of zero freezes the model, so the second evaluation is no better than the first.
+    args = [*quick_args(tmp_path), "--num_train_epochs", "4", "--learning_rate", "0", "--early_stopping_patience", "1"]
+    model_args, data_args, training_args = parse(args)
+    assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "accuracy"
+    train(model_args, data_args, training_args)
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0
+    assert len([entry for entry in state["log_history"] if "eval_accuracy" in entry]) == 2
