@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -304,6 +305,35 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert "world size 2, model wrapped in DistributedDataParallel" in double.stdout
     assert weight_difference(tmp_path / "one", tmp_path / "two") <= FLOAT32_DRIFT
     assert "Test accuracy" in double.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_accelerate_launch_runs_two_processes_on_cpu(tmp_path):
+    # Without `--multi_gpu`, `accelerate launch --num_processes 2` on a machine with no GPU starts one process.
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    result = run_script([*quick_args(tmp_path), "--num_train_epochs", "1", "--eval_strategy", "no"], launcher=launcher)
+    assert "world size 2, model wrapped in DistributedDataParallel" in result.stdout
+    assert json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] >= 0.0
 
 
 def test_bad_dataset_column_stops_before_training(tmp_path):
