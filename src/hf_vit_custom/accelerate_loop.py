@@ -40,14 +40,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .data import ImageClassificationTransform, build_datasets, collate_fn, label_maps
+from .data import ImageClassificationTransform, collate_fn
 from .metrics import ClassificationMetrics
 from .training import (
     DataArguments,
     ModelArguments,
-    build_model_and_processor,
     optimizer_parameter_groups,
     plot_training_curve,
+    prepare_data_and_model,
     reload_and_predict,
 )
 
@@ -314,38 +314,13 @@ def _train(
 
     # Data and model: exactly as in the Trainer path.
     with accelerator.main_process_first():  # the main process fills the `datasets` cache, the others read it
-        splits = build_datasets(
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            train_dir=data_args.train_dir,
-            validation_dir=data_args.validation_dir,
-            image_column=data_args.image_column,
-            label_column=data_args.label_column,
-            validation_size=data_args.validation_size,
-            seed=args.seed,
-            cache_dir=model_args.cache_dir,
-        )
-    uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
-    id2label, _ = label_maps(splits["train"])
-    model, image_processor = build_model_and_processor(model_args, uses_default_data, id2label)
+        prepared = prepare_data_and_model(model_args, data_args, args.seed)
+    model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
     num_labels = model.config.num_labels
-
-    if data_args.max_train_samples is not None:
-        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
     eval_splits = [split for split in ("validation", "test") if split in splits]
-    if data_args.max_eval_samples is not None:
-        for split in eval_splits:
-            splits[split] = splits[split].select(range(min(data_args.max_eval_samples, len(splits[split]))))
     raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
-    augment = ImageClassificationTransform(
-        image_processor,
-        num_channels=model.config.num_channels,
-        train=True,
-        horizontal_flip=data_args.horizontal_flip,
-        crop_scale=(data_args.min_crop_scale, 1.0) if data_args.min_crop_scale < 1.0 else None,
-        seed=None,  # PerExampleSeededDataset seeds the global generator for each example
-    )
-    plain = ImageClassificationTransform(image_processor, num_channels=model.config.num_channels, train=False)
+    # PerExampleSeededDataset seeds the global generator that the training transform draws from, per example.
+    augment, plain = prepared.train_transform, prepared.eval_transform
     train_dataset = PerExampleSeededDataset(splits["train"], augment, seed=args.seed)
 
     def loader(dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:

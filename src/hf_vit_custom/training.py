@@ -7,11 +7,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from datasets import DatasetDict
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
+    BaseImageProcessor,
     EarlyStoppingCallback,
+    PreTrainedModel,
     Trainer,
     TrainingArguments,
     pipeline,
@@ -260,11 +263,24 @@ def reload_and_predict(model_dir: str | os.PathLike, dataset) -> list[dict[str, 
     ]
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args: ViTTrainingArguments) -> dict:
-    """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
-    datasets = build_datasets(
+@dataclass
+class PreparedData:
+    """The raw (untransformed, truncated) splits, the model, and the transforms that make the splits model inputs."""
+
+    splits: DatasetDict
+    model: PreTrainedModel
+    image_processor: BaseImageProcessor
+    train_transform: ImageClassificationTransform
+    eval_transform: ImageClassificationTransform
+
+
+def prepare_data_and_model(model_args: ModelArguments, data_args: DataArguments, seed: int) -> PreparedData:
+    """Load and validate the data, build the model for its labels, and the transforms: shared by both training loops.
+
+    The training transform draws its crops from torch's global generator (seeded by `set_seed`); each loop decides
+    how that generator is kept reproducible across a resume.
+    """
+    splits = build_datasets(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,
         train_dir=data_args.train_dir,
@@ -272,34 +288,46 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
         image_column=data_args.image_column,
         label_column=data_args.label_column,
         validation_size=data_args.validation_size,
-        seed=training_args.seed,
+        seed=seed,
         cache_dir=model_args.cache_dir,
     )
     uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
-    id2label, _ = label_maps(datasets["train"])
+    id2label, _ = label_maps(splits["train"])
     model, image_processor = build_model_and_processor(model_args, uses_default_data, id2label)
-
-    if data_args.max_train_samples is not None:
-        datasets["train"] = datasets["train"].select(range(min(data_args.max_train_samples, len(datasets["train"]))))
-    eval_splits = [split for split in ("validation", "test") if split in datasets]
-    for split in eval_splits:
-        if data_args.max_eval_samples is not None:
-            datasets[split] = datasets[split].select(range(min(data_args.max_eval_samples, len(datasets[split]))))
-    raw_test = datasets.get("test", datasets["validation"])  # the demo shows untransformed images
-    augment = ImageClassificationTransform(
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_eval_samples,
+    }
+    for split, limit in limits.items():
+        if limit is not None and split in splits:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    num_channels = model.config.num_channels
+    train_transform = ImageClassificationTransform(
         image_processor,
-        num_channels=model.config.num_channels,
+        num_channels=num_channels,
         train=True,
         horizontal_flip=data_args.horizontal_flip,
         crop_scale=(data_args.min_crop_scale, 1.0) if data_args.min_crop_scale < 1.0 else None,
-        # The global torch generator (seeded by `set_seed`) is saved in every checkpoint and restored on resume, so
-        # a resumed run draws the same crops as an uninterrupted one; a private generator would restart.
         seed=None,
     )
-    plain = ImageClassificationTransform(image_processor, num_channels=model.config.num_channels, train=False)
-    datasets["train"] = datasets["train"].with_transform(augment)
-    for split in eval_splits:
-        datasets[split] = datasets[split].with_transform(plain)
+    eval_transform = ImageClassificationTransform(image_processor, num_channels=num_channels, train=False)
+    return PreparedData(splits, model, image_processor, train_transform, eval_transform)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: ViTTrainingArguments) -> dict:
+    """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    # Crops come from the global torch generator, which Trainer saves in every checkpoint and restores on resume, so
+    # a run resumed at an epoch boundary draws the same crops as an uninterrupted one.
+    prepared = prepare_data_and_model(model_args, data_args, training_args.seed)
+    model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
+    raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
+    datasets = {"train": splits["train"].with_transform(prepared.train_transform)}
+    for split in ("validation", "test"):
+        if split in splits:
+            datasets[split] = splits[split].with_transform(prepared.eval_transform)
 
     callbacks = []
     if training_args.early_stopping_patience is not None:
