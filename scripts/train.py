@@ -13,20 +13,20 @@ import logging
 import sys
 
 import torch.distributed as dist
-from transformers import HfArgumentParser
 
-from hf_vit_custom.training import DataArguments, ModelArguments, ViTTrainingArguments, train
+from hf_vit_custom.training import (
+    DataArguments,
+    ModelArguments,
+    ViTTrainingArguments,
+    parse_arguments,
+    print_results,
+    train,
+)
 
 
 def main(args: list[str] | None = None) -> dict:
-    args = sys.argv[1:] if args is None else args
-    parser = HfArgumentParser((ModelArguments, DataArguments, ViTTrainingArguments))
-    if len(args) == 1 and args[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(args[0])
-    elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(args[0])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    dataclass_types = (ModelArguments, DataArguments, ViTTrainingArguments)
+    model_args, data_args, training_args = parse_arguments(dataclass_types, sys.argv[1:] if args is None else args)
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
     logging.getLogger("hf_vit_custom").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
@@ -34,11 +34,7 @@ def main(args: list[str] | None = None) -> dict:
     metrics = train(model_args, data_args, training_args)
 
     if training_args.process_index == 0:
-        print(
-            f"\nTest accuracy: {metrics.get('test_accuracy', float('nan')):.4f}  (saved to {training_args.output_dir})"
-        )
-        for row in metrics.get("demo_predictions", []):
-            print(f"  predicted {row['predicted']:>8}  true {row['true']:>8}  score {row['score']:.3f}")
+        print_results(metrics, training_args.output_dir)
     if dist.is_initialized():
         # Ending every rank together avoids the occasional hang or crash in gloo's teardown.
         dist.barrier()

@@ -16,21 +16,13 @@ import logging
 import os
 import sys
 
-from transformers import HfArgumentParser
-
 from hf_vit_custom.accelerate_loop import AccelerateArguments, train_with_accelerate
-from hf_vit_custom.training import DataArguments, ModelArguments
+from hf_vit_custom.training import DataArguments, ModelArguments, parse_arguments, print_results
 
 
 def main(args: list[str] | None = None) -> dict:
-    args = sys.argv[1:] if args is None else args
-    parser = HfArgumentParser((ModelArguments, DataArguments, AccelerateArguments))
-    if len(args) == 1 and args[0].endswith(".json"):
-        model_args, data_args, accelerate_args = parser.parse_json_file(args[0])
-    elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        model_args, data_args, accelerate_args = parser.parse_yaml_file(args[0])
-    else:
-        model_args, data_args, accelerate_args = parser.parse_args_into_dataclasses(args=args)
+    dataclass_types = (ModelArguments, DataArguments, AccelerateArguments)
+    model_args, data_args, accelerate_args = parse_arguments(dataclass_types, sys.argv[1:] if args is None else args)
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
     logging.getLogger("hf_vit_custom").setLevel(logging.INFO)  # Accelerate's logger speaks on the main process only
@@ -38,12 +30,7 @@ def main(args: list[str] | None = None) -> dict:
     metrics = train_with_accelerate(model_args, data_args, accelerate_args)
 
     if int(os.environ.get("RANK", "0")) == 0:  # set by torchrun and accelerate launch
-        print(
-            f"\nTest accuracy: {metrics.get('test_accuracy', float('nan')):.4f}  "
-            f"(world size {metrics['world_size']}, saved to {accelerate_args.output_dir})"
-        )
-        for row in metrics.get("demo_predictions", []):
-            print(f"  predicted {row['predicted']:>8}  true {row['true']:>8}  score {row['score']:.3f}")
+        print_results(metrics, accelerate_args.output_dir)
     return metrics
 
 

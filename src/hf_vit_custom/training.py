@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForImageClassification,
     BaseImageProcessor,
     EarlyStoppingCallback,
+    HfArgumentParser,
     PreTrainedModel,
     Trainer,
     TrainingArguments,
@@ -138,6 +139,24 @@ class ViTTrainingArguments(TrainingArguments):
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "accuracy"
         super().__post_init__()
+
+
+def parse_arguments(dataclass_types: tuple[type, ...], args: list[str]) -> tuple:
+    """Parse command-line flags, or one `.json` / `.yaml` file holding them, into `dataclass_types`."""
+    parser = HfArgumentParser(dataclass_types)
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(args[0])
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(args[0])
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def print_results(metrics: dict, output_dir: str) -> None:
+    """Print the test accuracy and the demo predictions at the end of a training script."""
+    world_size = f"world size {metrics['world_size']}, " if "world_size" in metrics else ""
+    print(f"\nTest accuracy: {metrics.get('test_accuracy', float('nan')):.4f}  ({world_size}saved to {output_dir})")
+    for row in metrics.get("demo_predictions", []):
+        print(f"  predicted {row['predicted']:>8}  true {row['true']:>8}  score {row['score']:.3f}")
 
 
 def decay_parameter_names(model: torch.nn.Module) -> list[str]:
