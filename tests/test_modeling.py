@@ -217,6 +217,14 @@ def test_same_seed_gives_same_weights():
     assert not torch.equal(first.vit.layers[0].attention.qkv.weight, other.vit.layers[0].attention.qkv.weight)
 
 
+def test_model_builds_on_the_meta_device():
+    config = ViTCustomConfig(**tiny_config_kwargs(drop_path_rate=0.1))
+    with torch.device("meta"):
+        model = ViTCustomForImageClassification(config)
+    assert model.vit.layers[0].attention.qkv.weight.is_meta
+    assert model.classifier.weight.shape == (5, 32)
+
+
 def test_stochastic_depth_rates_rise_linearly_and_only_act_in_training():
     model = build(ViTCustomModel, num_hidden_layers=3, drop_path_rate=0.2)
     assert [layer.drop_path.drop_prob for layer in model.layers] == pytest.approx([0.0, 0.1, 0.2])

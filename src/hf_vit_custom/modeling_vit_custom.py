@@ -269,7 +269,10 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
     def __init__(self, config: ViTCustomConfig):
         super().__init__(config)
         self.embeddings = ViTCustomEmbeddings(config)
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Stochastic depth grows linearly from 0 to `drop_path_rate` over the layers. Plain Python, not a tensor, so
+        # that the model can also be built on the meta device.
+        last_layer = max(config.num_hidden_layers - 1, 1)
+        drop_path_rates = [config.drop_path_rate * index / last_layer for index in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList(ViTCustomEncoderLayer(config, rate) for rate in drop_path_rates)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
