@@ -1,0 +1,61 @@
+"""Compare this package's ViT with transformers' (and timm's, when it imports) on the same architecture and batch.
+
+    python scripts/benchmark.py --preset vit-small-patch16-224 --batch_size 8 --dtype fp32
+    python scripts/benchmark.py --preset vit-base-patch16-224 --device cuda --dtype bf16 --batch_size 64
+
+Prints a markdown table (images/s, share of the same run's large-matmul FLOP/s, ratio to transformers-sdpa) and
+writes it with the raw figures to `--output` (`.md` and `.json`). Compare figures only within one run.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from hf_vit_custom.benchmark import build_contenders, count_graph_breaks, markdown_table, run_benchmark
+from hf_vit_custom.configuration_vit_custom import ViTCustomConfig
+
+
+def main(args: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="vit-small-patch16-224", help="ViTCustomConfig preset name")
+    parser.add_argument("--num_labels", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "eager"], help="our attention backends to time")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=2, help="calls timed together in one round")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    parser.add_argument("--no_transformers", action="store_true", help="time this package only")
+    parser.add_argument("--output", default="benchmark", help="writes OUTPUT.md and OUTPUT.json")
+    options = parser.parse_args(args)
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    config = ViTCustomConfig.from_preset(options.preset, num_labels=options.num_labels)
+    contenders = build_contenders(config, options.backends, include_transformers=not options.no_transformers)
+    report = run_benchmark(
+        config,
+        contenders,
+        batch_size=options.batch_size,
+        device=options.device,
+        dtype=options.dtype,
+        rounds=options.rounds,
+        iterations=options.iterations,
+        compile_model=options.compile,
+    )
+    report["preset"] = options.preset
+    if options.compile:
+        report["graph_breaks"] = count_graph_breaks(config)
+    table = f"{options.preset}: " + markdown_table(report)
+    print(table)
+    Path(f"{options.output}.md").write_text(table + "\n")
+    Path(f"{options.output}.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

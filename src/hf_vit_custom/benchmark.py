@@ -1,0 +1,273 @@
+"""Side-by-side throughput of this package's ViT against transformers' ViT (and timm's, when it imports).
+
+Every contender gets the same architecture, batch, dtype and random weights. Rounds are interleaved
+(A B C A B C ...) after a warm-up and medians are reported, so that a noisy, shared machine slows every contender alike;
+figures are only comparable inside one run. A large matmul timed in the same run gives the practical FLOP/s ceiling.
+"""
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .configuration_vit_custom import ViTCustomConfig, to_pair
+from .modeling_vit_custom import ViTCustomForImageClassification
+
+
+@dataclass
+class Contender:
+    """A named model factory; `build()` returns a fresh classifier taking `pixel_values` and returning logits."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Measurement:
+    name: str
+    inference_images_per_s: float
+    training_images_per_s: float
+    inference_flops_share: float  # achieved FLOP/s over the same run's large-matmul FLOP/s
+    training_flops_share: float
+    peak_training_memory_mb: float | None  # CUDA only: torch.cuda.max_memory_allocated
+    extra: dict = field(default_factory=dict)
+
+
+def vit_forward_flops(config: ViTCustomConfig, num_classes: int) -> float:
+    """Multiply-adds x 2 of one image's forward pass (matmuls and convolution only, as MFU counts them)."""
+    grid_height, grid_width = config.grid_size
+    tokens = grid_height * grid_width + 1
+    patch_height, patch_width = to_pair(config.patch_size)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    patch_embedding = (tokens - 1) * patch_height * patch_width * config.num_channels * hidden
+    per_layer = tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * tokens * tokens * hidden
+    return 2.0 * (patch_embedding + config.num_hidden_layers * per_layer + hidden * num_classes)
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """The FLOP/s of a large square matmul: what this device sustains on the dominant op of a ViT."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2.0 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_contenders(
+    config: ViTCustomConfig, backends: list[str], include_transformers: bool = True, include_timm: bool = True
+) -> list[Contender]:
+    """This package with each attention backend, transformers' ViT (sdpa, eager), and timm when it imports."""
+    contenders = [
+        Contender(
+            f"hf_vit_custom-{backend}",
+            lambda backend=backend: ViTCustomForImageClassification._from_config(config, attn_implementation=backend),
+            lambda model, pixels: model(pixels).logits,
+        )
+        for backend in backends
+    ]
+    if include_transformers:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        reference_config = ViTConfig(
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            num_channels=config.num_channels,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            layer_norm_eps=config.layer_norm_eps,
+            qkv_bias=config.qkv_bias,
+            num_labels=config.num_labels,
+        )
+        contenders += [
+            Contender(
+                f"transformers-{backend}",
+                lambda backend=backend: ViTForImageClassification._from_config(
+                    reference_config, attn_implementation=backend
+                ),
+                lambda model, pixels: model(pixels).logits,
+            )
+            for backend in ("sdpa", "eager")
+        ]
+    if include_timm:
+        with contextlib.suppress(ImportError):
+            import timm
+
+            contenders.append(
+                Contender(
+                    "timm",
+                    lambda: timm.models.vision_transformer.VisionTransformer(
+                        img_size=to_pair(config.image_size),
+                        patch_size=to_pair(config.patch_size)[0],
+                        in_chans=config.num_channels,
+                        embed_dim=config.hidden_size,
+                        depth=config.num_hidden_layers,
+                        num_heads=config.num_attention_heads,
+                        mlp_ratio=config.intermediate_size / config.hidden_size,
+                        qkv_bias=config.qkv_bias,
+                        num_classes=config.num_labels,
+                    ),
+                    lambda model, pixels: model(pixels),
+                )
+            )
+    return contenders
+
+
+class Runner:
+    """One contender on the device: an inference closure and a training-step closure (forward, backward, AdamW)."""
+
+    def __init__(self, contender: Contender, batch: torch.Tensor, labels: torch.Tensor, autocast_dtype, compile_model):
+        self.contender = contender
+        self.device = batch.device
+        torch.manual_seed(0)
+        model = contender.build().to(self.device)
+        self.model = torch.compile(model) if compile_model else model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.batch, self.labels = batch, labels
+        self.autocast = autocast_dtype
+
+    def autocast_context(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def infer(self) -> None:
+        self.model.eval()
+        with torch.no_grad(), self.autocast_context():
+            self.contender.logits(self.model, self.batch)
+
+    def train_step(self) -> None:
+        self.model.train()
+        with self.autocast_context():
+            loss = nn.functional.cross_entropy(self.contender.logits(self.model, self.batch).float(), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_call(function: Callable[[], None], device: torch.device, iterations: int) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - start) / iterations
+
+
+def run_benchmark(
+    config: ViTCustomConfig,
+    contenders: list[Contender],
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    rounds: int = 5,
+    iterations: int = 2,
+    warmup: int = 2,
+    compile_model: bool = False,
+) -> dict:
+    """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment."""
+    device = torch.device(device)
+    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
+    generator = torch.Generator().manual_seed(0)
+    height, width = to_pair(config.image_size)
+    batch = torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device)
+    labels = torch.randint(0, config.num_labels, (batch_size,), generator=generator).to(device)
+    runners = [Runner(contender, batch, labels, autocast_dtype, compile_model) for contender in contenders]
+    for runner in runners:
+        for _ in range(warmup):
+            runner.infer()
+            runner.train_step()
+
+    inference_times = {runner.contender.name: [] for runner in runners}
+    training_times = {runner.contender.name: [] for runner in runners}
+    peak_memory = {}
+    for _ in range(rounds):
+        for runner in runners:  # interleaved: a burst of load on the machine hits every contender alike
+            inference_times[runner.contender.name].append(time_call(runner.infer, device, iterations))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            training_times[runner.contender.name].append(time_call(runner.train_step, device, iterations))
+            if device.type == "cuda":
+                peak_memory[runner.contender.name] = torch.cuda.max_memory_allocated(device) / 2**20
+
+    ceiling = matmul_flops_per_second(device, autocast_dtype or torch.float32)
+    forward_flops = vit_forward_flops(config, config.num_labels)
+    measurements = []
+    for runner in runners:
+        name = runner.contender.name
+        inference_rate = batch_size / statistics.median(inference_times[name])
+        training_rate = batch_size / statistics.median(training_times[name])
+        measurements.append(
+            Measurement(
+                name=name,
+                inference_images_per_s=inference_rate,
+                training_images_per_s=training_rate,
+                inference_flops_share=inference_rate * forward_flops / ceiling,
+                training_flops_share=training_rate * 3 * forward_flops / ceiling,  # backward ~ 2x forward
+                peak_training_memory_mb=peak_memory.get(name),
+            )
+        )
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "compiled": compile_model,
+        "matmul_flops_per_second": ceiling,
+        "forward_flops_per_image": forward_flops,
+        "results": [asdict(measurement) for measurement in measurements],
+    }
+
+
+def markdown_table(report: dict, reference: str = "transformers-sdpa") -> str:
+    """The report as a markdown table, with each contender's speed relative to `reference` when it ran."""
+    results = {row["name"]: row for row in report["results"]}
+    base = results.get(reference)
+    lines = [
+        f"{report['device_name']}, {report['dtype']}, batch {report['batch_size']}, {report['threads']} threads, "
+        f"median of {report['rounds']} interleaved rounds; large-matmul ceiling "
+        f"{report['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s",
+        "",
+        "| contender | inference img/s | (share of ceiling) | training img/s | (share of ceiling) "
+        f"| inference vs {reference} | training vs {reference} | peak training MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        relative = [
+            f"{row[key] / base[key]:.2f}x" if base else "-"
+            for key in ("inference_images_per_s", "training_images_per_s")
+        ]
+        memory = f"{row['peak_training_memory_mb']:.0f}" if row["peak_training_memory_mb"] is not None else "-"
+        lines.append(
+            f"| {row['name']} | {row['inference_images_per_s']:.1f} | {row['inference_flops_share']:.0%} "
+            f"| {row['training_images_per_s']:.1f} | {row['training_flops_share']:.0%} "
+            f"| {relative[0]} | {relative[1]} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def count_graph_breaks(config: ViTCustomConfig, batch_size: int = 2) -> int:
+    """Graph breaks `torch.compile` meets in the classifier's forward (0 means one whole graph)."""
+    model = ViTCustomForImageClassification._from_config(config, attn_implementation="sdpa").eval()
+    height, width = to_pair(config.image_size)
+    pixels = torch.randn(batch_size, config.num_channels, height, width)
+    explanation = torch._dynamo.explain(model)(pixels)
+    return explanation.graph_break_count

@@ -1,0 +1,42 @@
+"""The benchmark library: FLOP count, interleaved measurement, table, and a compile check without graph breaks."""
+
+import pytest
+from conftest import tiny_config_kwargs
+
+from hf_vit_custom import ViTCustomConfig
+from hf_vit_custom.benchmark import (
+    build_contenders,
+    count_graph_breaks,
+    markdown_table,
+    run_benchmark,
+    vit_forward_flops,
+)
+
+
+def test_forward_flops_match_a_hand_count():
+    config = ViTCustomConfig(**tiny_config_kwargs(num_labels=5))  # 16 patches of 4x4x3, width 32, MLP 64, 2 layers
+    tokens = 17
+    patch_embedding = 16 * (4 * 4 * 3) * 32
+    layer = tokens * (3 * 32 * 32) + tokens * (32 * 32) + 2 * tokens * tokens * 32 + 2 * tokens * (32 * 64)
+    assert vit_forward_flops(config, 5) == 2 * (patch_embedding + 2 * layer + 32 * 5)
+
+
+def test_run_benchmark_measures_every_contender_and_compares_to_transformers():
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    contenders = build_contenders(config, ["sdpa", "eager"], include_timm=False)
+    names = [contender.name for contender in contenders]
+    assert names == ["hf_vit_custom-sdpa", "hf_vit_custom-eager", "transformers-sdpa", "transformers-eager"]
+    report = run_benchmark(config, contenders, batch_size=2, rounds=2, iterations=1, warmup=1)
+    assert [row["name"] for row in report["results"]] == names
+    for row in report["results"]:
+        assert row["inference_images_per_s"] > 0 and row["training_images_per_s"] > 0
+        assert 0 < row["inference_flops_share"] < 10  # a share of the measured ceiling, not an absolute number
+    assert report["matmul_flops_per_second"] > 1e8
+    table = markdown_table(report)
+    assert "| transformers-sdpa |" in table and "| 1.00x | 1.00x |" in table
+    assert table.count("\n| hf_vit_custom-") == 2
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_classifier_compiles_as_one_graph(pooling):
+    assert count_graph_breaks(ViTCustomConfig(**tiny_config_kwargs(pooling=pooling))) == 0
