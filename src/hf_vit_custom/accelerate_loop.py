@@ -41,8 +41,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .data import ImageClassificationTransform, collate_fn
+from .hub import push_model_folder
 from .metrics import ClassificationMetrics
 from .training import (
+    HUB_HYPERPARAMETERS,
     DataArguments,
     ModelArguments,
     optimizer_parameter_groups,
@@ -513,13 +515,12 @@ def _train(
                 output_dir, raw_test.select(range(min(args.num_demo_predictions, len(raw_test))))
             )
         if hub_repo_id is not None:
-            from huggingface_hub import upload_folder
-
-            upload_folder(
-                repo_id=hub_repo_id,
-                folder_path=output_dir,
-                commit_message="End of training",
-                ignore_patterns=[f"{CHECKPOINT_PREFIX}*", "runs/*"],
+            push_model_folder(
+                output_dir,
+                hub_repo_id,
+                metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
+                hyperparameters={key: getattr(args, key) for key in HUB_HYPERPARAMETERS},
+                dataset=data_args.dataset_name or data_args.train_dir or "sklearn-digits",
             )
 
     # Every process ends together (a barrier before the process group goes avoids gloo teardown hangs);

@@ -24,6 +24,7 @@ from transformers import (
 
 from .configuration_vit_custom import ViTCustomConfig, to_pair
 from .data import ImageClassificationTransform, build_datasets, collate_fn, default_image_processor, label_maps
+from .hub import push_model_folder
 from .metrics import build_compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ DIGITS_CONFIG = {
 }
 # Trained from scratch on anything else unless `--config_name` says otherwise.
 DEFAULT_PRESET = "vit-tiny-patch16-224"
+# Hyper-parameters the model card lists.
+HUB_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay", "seed")
 # Learned tokens that act like embeddings: decaying them towards zero only erases what they encode (timm's
 # `no_weight_decay()` excludes the same two).
 NO_DECAY_PARAMETERS = ("cls_token", "position_embeddings")
@@ -382,10 +385,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
         metrics["demo_predictions"] = reload_and_predict(
             training_args.output_dir, raw_test.select(range(min(training_args.num_demo_predictions, len(raw_test))))
         )
-    if training_args.push_to_hub:
-        trainer.push_to_hub(
-            tags=["image-classification", "vision", "vit_custom"],
+    if training_args.push_to_hub and trainer.is_world_process_zero():
+        # The final commit carries the model card with the test results and the code for `trust_remote_code`.
+        push_model_folder(
+            training_args.output_dir,
+            training_args.hub_model_id or Path(training_args.output_dir).absolute().name,
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+            metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
+            hyperparameters={key: getattr(training_args, key) for key in HUB_HYPERPARAMETERS},
             dataset=data_args.dataset_name or data_args.train_dir or "sklearn-digits",
-            finetuned_from=model_args.model_name_or_path,
         )
     return metrics
