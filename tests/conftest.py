@@ -1,6 +1,9 @@
 """Shared fixtures: tiny configurations that build in milliseconds on a CPU."""
 
 import os
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,30 @@ def tiny_config_kwargs(**overrides):
 @pytest.fixture
 def tiny_config():
     return hf_vit_custom.ViTCustomConfig(**tiny_config_kwargs())
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bounded(command: list[str], timeout: int = 300) -> str:
+    """Run `command` from the repository root in its own process group and return its output; fail if it fails.
+
+    A hang is ended with SIGTERM, then SIGKILL, sent to the whole group: SIGKILL of torchrun alone would orphan its
+    workers. One thread per process keeps several processes from fighting over the cores.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+        pytest.fail(f"{command} timed out:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-5000:]
+    return output

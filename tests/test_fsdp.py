@@ -8,15 +8,13 @@ the tests below check it against the model class and against the same training i
 import importlib.util
 import itertools
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_bounded
 from safetensors.torch import load_file
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
@@ -66,23 +64,7 @@ def run_worker(out_dir: Path, timeout: int = 300) -> str:
         str(WORKER_PATH),
         str(out_dir),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGKILL of torchrun alone would orphan its workers: terminate the whole group, gently first.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-        pytest.fail(f"{command} timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-5000:]
-    return output
+    return run_bounded(command, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+from conftest import run_bounded
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
@@ -60,23 +59,7 @@ def train_in_process(output_dir, *extra: str) -> dict:
 def run_script(args: list[str], launcher: list[str], timeout: int = 300) -> str:
     """Run the script in its own process group, ending it with SIGTERM, then SIGKILL, if it hangs; return its output."""
     command = [*launcher, str(SCRIPT), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGKILL of torchrun alone would orphan its workers: terminate the whole group, gently first.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-        pytest.fail(f"{command} timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-5000:]
-    return output
+    return run_bounded(command, timeout)
 
 
 def weights(output_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,17 +1,15 @@
 """Trainer path end to end: the library's `train`, the script, checkpoints, accumulation and two processes."""
 
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_bounded
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser
@@ -61,26 +59,9 @@ def quick_args(output_dir, *extra: str) -> list[str]:
     ]
 
 
-def run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the training script in its own process group, ending it with SIGTERM, then SIGKILL, if it hangs."""
-    command = [*(launcher or [sys.executable]), str(TRAIN_SCRIPT), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGKILL of torchrun alone would orphan its workers: terminate the whole group, gently first.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-        pytest.fail(f"{command} timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-5000:]
-    return subprocess.CompletedProcess(command, process.returncode, output, None)
+def run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> str:
+    """Run the training script (through `launcher`, e.g. torchrun) with a bounded time; return its output."""
+    return run_bounded([*(launcher or [sys.executable]), str(TRAIN_SCRIPT), *args], timeout)
 
 
 def test_weight_decay_skips_biases_norms_class_token_and_positions():
@@ -300,11 +281,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     double = run_script(
         [*quick_args(tmp_path / "two"), *EQUIVALENCE, "--per_device_train_batch_size", "8"], launcher=torchrun
     )
-    assert "world size 1, model wrapped in ViTCustomForImageClassification" in single.stdout
+    assert "world size 1, model wrapped in ViTCustomForImageClassification" in single
     # Several launch paths silently fall back to one process: prove that two ran, inside DDP.
-    assert "world size 2, model wrapped in DistributedDataParallel" in double.stdout
+    assert "world size 2, model wrapped in DistributedDataParallel" in double
     assert weight_difference(tmp_path / "one", tmp_path / "two") <= FLOAT32_DRIFT
-    assert "Test accuracy" in double.stdout
+    assert "Test accuracy" in double
 
 
 def free_port() -> int:
@@ -332,7 +313,7 @@ def test_accelerate_launch_runs_two_processes_on_cpu(tmp_path):
         str(free_port()),
     ]
     result = run_script([*quick_args(tmp_path), "--num_train_epochs", "1", "--eval_strategy", "no"], launcher=launcher)
-    assert "world size 2, model wrapped in DistributedDataParallel" in result.stdout
+    assert "world size 2, model wrapped in DistributedDataParallel" in result
     assert json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] >= 0.0
 
 
@@ -348,8 +329,8 @@ def test_main_job_reaches_the_accuracy_bar_with_default_arguments(tmp_path):
     result = run_script(["--output_dir", str(tmp_path), "--report_to", "none", "--disable_tqdm", "true"], timeout=600)
     results = json.loads((tmp_path / "all_results.json").read_text())
     assert results["test_accuracy"] >= 0.97
-    assert f"Test accuracy: {results['test_accuracy']:.4f}" in result.stdout
-    prediction_lines = [line for line in result.stdout.splitlines() if line.strip().startswith("predicted")]
+    assert f"Test accuracy: {results['test_accuracy']:.4f}" in result
+    prediction_lines = [line for line in result.splitlines() if line.strip().startswith("predicted")]
     assert len(prediction_lines) == 8
     assert sum(line.split()[1] == line.split()[3] for line in prediction_lines) >= 6
 
