@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_bounded
+from conftest import run_bounded, tiny_config_kwargs
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser
@@ -65,17 +65,7 @@ def run_script(args: list[str], launcher: list[str] | None = None, timeout: int 
 
 
 def test_weight_decay_skips_biases_norms_class_token_and_positions():
-    model = ViTCustomForImageClassification(
-        ViTCustomConfig(
-            image_size=8,
-            patch_size=2,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=3,
-        )
-    )
+    model = ViTCustomForImageClassification(ViTCustomConfig(**tiny_config_kwargs(num_hidden_layers=1, num_labels=3)))
     decayed = set(decay_parameter_names(model))
     assert decayed == {
         "vit.embeddings.patch_embeddings.projection.weight",
@@ -92,17 +82,7 @@ def test_weight_decay_skips_biases_norms_class_token_and_positions():
 
 
 def test_trainer_optimizer_uses_the_same_decay_groups(tmp_path):
-    model = ViTCustomForImageClassification(
-        ViTCustomConfig(
-            image_size=8,
-            patch_size=2,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=3,
-        )
-    )
+    model = ViTCustomForImageClassification(ViTCustomConfig(**tiny_config_kwargs(num_hidden_layers=1, num_labels=3)))
     args = ViTTrainingArguments(output_dir=str(tmp_path), report_to="none", eval_strategy="no")
     trainer = ViTTrainer(model=model, args=args)
     optimizer = trainer.create_optimizer()
@@ -178,17 +158,7 @@ def test_train_on_an_image_folder(tmp_path):
 
 def test_fine_tune_a_checkpoint_with_a_new_label_set(tmp_path):
     folder = make_image_folder(tmp_path / "images", classes=("a", "b", "c"))
-    base = ViTCustomForImageClassification(
-        ViTCustomConfig(
-            image_size=16,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=10,
-        )
-    )
+    base = ViTCustomForImageClassification(ViTCustomConfig(**tiny_config_kwargs(num_labels=10)))
     base.save_pretrained(tmp_path / "base")
     args = [*quick_args(tmp_path / "out"), "--train_dir", str(folder), "--model_name_or_path", str(tmp_path / "base")]
     args.remove("--config_overrides")
