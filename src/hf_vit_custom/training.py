@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 DIGITS_CONFIG = {
     "image_size": 16,
     "patch_size": 4,
-    "num_channels": 3,
+    "num_channels": 3,  # `pipeline` hands the processor RGB images, so the grayscale digits are read as RGB too
     "hidden_size": 64,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
