@@ -44,7 +44,6 @@ class ViTCustomPatchEmbeddings(nn.Module):
 
     def __init__(self, config: ViTCustomConfig):
         super().__init__()
-        self.num_channels = config.num_channels
         self.patch_size = to_pair(config.patch_size)
         self.projection = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
