@@ -447,7 +447,7 @@ def test_crop_boxes_stay_inside_the_image():
     transform = ImageClassificationTransform(default_image_processor(16, 3), train=True, seed=0, crop_scale=(0.08, 1.0))
     for width, height in [(8, 8), (40, 4), (4, 40), (17, 9)]:
         for _ in range(50):
-            top, left, crop_height, crop_width = transform._crop_box(width, height)
+            top, left, crop_height, crop_width = transform._crop_box(width, height, transform._current_generator())
             assert top >= 0 and top + crop_height <= height and crop_height > 0
             assert left >= 0 and left + crop_width <= width and crop_width > 0
 

@@ -173,21 +173,29 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "model.safetensors")
 
 
-def test_resume_from_checkpoint_restores_every_weight_and_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("step", [8, 5], ids=["epoch-boundary", "mid-epoch"])  # 8 steps per epoch
+def test_resume_from_checkpoint_restores_every_weight_and_matches_an_uninterrupted_run(tmp_path, step):
+    # Random crops and stochastic depth on, so that any random draw the resumed run repeats or skips shows up.
     common = [
         "--min_crop_scale",
         "0.6",
+        "--config_overrides",
+        f"{TINY},drop_path_rate=0.1",
         "--save_strategy",
-        "epoch",
+        "steps",
+        "--save_steps",
+        str(step),
+        "--save_total_limit",
+        "5",
         "--eval_strategy",
         "no",
         "--num_demo_predictions",
         "0",
     ]
     train(*parse([*quick_args(tmp_path / "full"), *common]))
-    # Resume a copy of the run from its mid-run checkpoint (end of epoch 1 of 2) in a fresh output folder.
-    midway = tmp_path / "resumed" / "checkpoint-8"
-    shutil.copytree(tmp_path / "full" / "checkpoint-8", midway)
+    # Resume a copy of the run from its checkpoint at `step` (of 16) in a fresh output folder.
+    midway = tmp_path / "resumed" / f"checkpoint-{step}"
+    shutil.copytree(tmp_path / "full" / f"checkpoint-{step}", midway)
     train(*parse([*quick_args(tmp_path / "resumed"), *common, "--resume_from_checkpoint", str(midway)]))
     full, resumed = final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed")
     assert full.keys() == resumed.keys()

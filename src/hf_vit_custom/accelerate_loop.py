@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .data import ImageClassificationTransform, collate_fn
+from .data import PerExampleSeededDataset, collate_fn
 from .hub import push_model_folder
 from .metrics import ClassificationMetrics
 from .training import (
@@ -133,54 +132,6 @@ class AccelerateArguments:
             raise ValueError(f"`logging_steps` must be at least 1, got {self.logging_steps}.")
         if self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must not be negative, got {self.warmup_steps}.")
-
-
-class PerExampleSeededDataset(torch.utils.data.Dataset):
-    """A training split whose random augmentation depends only on (seed, epoch, example index).
-
-    `ImageClassificationTransform(seed=None)` draws from torch's global generator, so an example's crop depends on
-    everything drawn before it. That breaks exact resumption: Accelerate's data loader fetches one batch ahead, so
-    the generator state that `save_state` stores after step N already includes batch N+1's crops, and the resumed run
-    draws batch N+1 again from there. Here every example is transformed inside `torch.random.fork_rng`, with the
-    global generator seeded from (seed, epoch, index): the crops are the same whatever the process count, the
-    number of workers, the prefetching or the resumption, and the global generator is left as it was.
-
-    Args:
-        dataset: the raw split, with PIL images (no transform attached).
-        transform: the training transform (`ImageClassificationTransform` with `seed=None`).
-        seed: the run's seed.
-    """
-
-    def __init__(self, dataset: datasets.Dataset, transform: ImageClassificationTransform, seed: int):
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the crops of `epoch` (call before iterating; workers copy the dataset when the epoch starts)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        indices = [int(index) for index in indices]
-        batch = self.dataset[indices]  # decodes the images once, as a dict of columns
-        examples = []
-        for position, index in enumerate(indices):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.example_seed(index))
-                transformed = self.transform({column: [values[position]] for column, values in batch.items()})
-            examples.append({name: value[0] for name, value in transformed.items()})
-        return examples
-
-    def example_seed(self, index: int) -> int:
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
-        return int(state) & (2**63 - 1)
 
 
 class TrainingProgress:
@@ -532,7 +483,6 @@ def _train(
 
 __all__ = [
     "AccelerateArguments",
-    "PerExampleSeededDataset",
     "TrainingProgress",
     "evaluate",
     "find_latest_checkpoint",

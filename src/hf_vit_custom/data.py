@@ -488,45 +488,59 @@ class ImageClassificationTransform:
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self._worker_id: int | None = None
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, list], example_seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Transform a batch `{image: [PIL, ...], label: [int, ...]}` into tensors.
+
+        `example_seeds` (one per image) seed each image's augmentation on its own, leaving the global generator as it
+        was; see `PerExampleSeededDataset`.
 
         Returns:
             `pixel_values` float32 (batch, num_channels, height, width) and `labels` int64 (batch,).
         """
         mode = "L" if self.num_channels == 1 else "RGB"
         images = [image.convert(mode) for image in batch[self.image_column]]
-        if self.train:
+        if self.train and example_seeds is None:
             images = [self.augment(image) for image in images]
+        elif self.train:
+            generator = torch.Generator()  # reseeded per image: cheaper than seeding the global generator
+            seeded = zip(images, example_seeds, strict=True)
+            images = [self.augment(image, generator.manual_seed(seed)) for image, seed in seeded]
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[self.label_column], dtype=torch.long)}
 
-    def augment(self, image: Image.Image) -> Image.Image:
-        """Randomly crop-and-resize to the processor size, then maybe flip (training only)."""
+    def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
+        """Randomly crop-and-resize to the processor size, then maybe flip (training only).
+
+        Draws from `generator` when given, otherwise from the transform's own generator or the global one.
+        """
+        generator = generator or self._current_generator()
         if self.crop_scale is not None:
-            top, left, height, width = self._crop_box(image.width, image.height)
+            top, left, height, width = self._crop_box(image.width, image.height, generator)
             # One resampling step for crop and resize; the processor's own resize is then the identity.
             image = image.resize(
                 (self.output_size[1], self.output_size[0]),
                 resample=Image.Resampling.BILINEAR,
                 box=(left, top, left + width, top + height),
             )
-        if self.horizontal_flip and self._uniform() < 0.5:
+        if self.horizontal_flip and self._uniform(generator) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
 
-    def _crop_box(self, image_width: int, image_height: int) -> tuple[int, int, int, int]:
+    def _crop_box(
+        self, image_width: int, image_height: int, generator: torch.Generator | None
+    ) -> tuple[int, int, int, int]:
         """Sample `(top, left, height, width)` as torchvision's `RandomResizedCrop.get_params` does."""
         area = image_width * image_height
         log_ratio = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
         for _ in range(10):
-            target_area = area * (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * self._uniform())
-            aspect_ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * self._uniform())
+            scale = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * self._uniform(generator)
+            target_area = area * scale
+            aspect_ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * self._uniform(generator))
             width = round(math.sqrt(target_area * aspect_ratio))
             height = round(math.sqrt(target_area / aspect_ratio))
             if 0 < width <= image_width and 0 < height <= image_height:
-                top = self._randint(image_height - height + 1)
-                left = self._randint(image_width - width + 1)
+                top = self._randint(image_height - height + 1, generator)
+                left = self._randint(image_width - width + 1, generator)
                 return top, left, height, width
         # Fallback after 10 misses (extreme aspect ratios): the largest central crop within the ratio range.
         in_ratio = image_width / image_height
@@ -547,11 +561,56 @@ class ImageClassificationTransform:
             self._worker_id = worker.id
         return self.generator
 
-    def _uniform(self) -> float:
-        return torch.rand((), generator=self._current_generator()).item()
+    @staticmethod
+    def _uniform(generator: torch.Generator | None) -> float:
+        return torch.rand((), generator=generator).item()
 
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (), generator=self._current_generator()).item())
+    @staticmethod
+    def _randint(high: int, generator: torch.Generator | None) -> int:
+        return int(torch.randint(high, (), generator=generator).item())
+
+
+class PerExampleSeededDataset(torch.utils.data.Dataset):
+    """A training split whose random augmentation depends only on (seed, epoch, example index).
+
+    `ImageClassificationTransform(seed=None)` draws from torch's global generator, so an example's crop depends on
+    everything drawn before it. That breaks exact resumption: the data loader fetches one batch ahead, so the
+    generator state a checkpoint stores after step N already includes batch N+1's crops, and the resumed run draws
+    batch N+1 again from there. Here every example's crop comes from a generator seeded with (seed, epoch, index):
+    the crops are the same whatever the process count, the number of workers, the prefetching or the resumption, and
+    the global generator is left to the model (dropout, stochastic depth).
+
+    Args:
+        dataset: the raw split, with PIL images (no transform attached).
+        transform: the training transform (`ImageClassificationTransform` with `seed=None`).
+        seed: the run's seed.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, transform: ImageClassificationTransform, seed: int):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the crops of `epoch` (call before iterating; workers copy the dataset when the epoch starts)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        indices = [int(index) for index in indices]
+        # One image-processor call for the whole batch; only the augmentation is seeded example by example.
+        transformed = self.transform(self.dataset[indices], example_seeds=[self.example_seed(i) for i in indices])
+        return [{name: value[position] for name, value in transformed.items()} for position in range(len(indices))]
+
+    def example_seed(self, index: int) -> int:
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
+        return int(state) & (2**63 - 1)
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -648,6 +707,7 @@ def _hold_out(
 
 __all__ = [
     "ImageClassificationTransform",
+    "PerExampleSeededDataset",
     "build_datasets",
     "collate_fn",
     "default_image_processor",

@@ -1,6 +1,7 @@
 """Training glue shared by the Trainer and Accelerate entry points: arguments, model set-up, optimiser groups."""
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,21 @@ from transformers import (
     HfArgumentParser,
     PreTrainedModel,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     pipeline,
     set_seed,
 )
 
 from .configuration_vit_custom import ViTCustomConfig, to_pair
-from .data import ImageClassificationTransform, build_datasets, collate_fn, default_image_processor, label_maps
+from .data import (
+    ImageClassificationTransform,
+    PerExampleSeededDataset,
+    build_datasets,
+    collate_fn,
+    default_image_processor,
+    label_maps,
+)
 from .hub import push_model_folder
 from .metrics import build_compute_metrics
 
@@ -185,6 +194,16 @@ def optimizer_parameter_groups(model: torch.nn.Module, weight_decay: float) -> l
     ]
 
 
+class EpochSeedCallback(TrainerCallback):
+    """Tell a `PerExampleSeededDataset` which epoch starts (Accelerate forwards `set_epoch` only to the sampler)."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = getattr(train_dataloader, "dataset", None)
+        if isinstance(dataset, PerExampleSeededDataset):
+            # `state.epoch` is the finished fraction of training: whole at an epoch start, fractional on a resume.
+            dataset.set_epoch(math.floor(state.epoch + 1e-9))
+
+
 class ViTTrainer(Trainer):
     """Trainer whose optimiser decays only the parameters `decay_parameter_names` selects."""
 
@@ -341,17 +360,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
     """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
-    # Crops come from the global torch generator, which Trainer saves in every checkpoint and restores on resume, so
-    # a run resumed at an epoch boundary draws the same crops as an uninterrupted one.
     prepared = prepare_data_and_model(model_args, data_args, training_args.seed)
     model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
     raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
-    datasets = {"train": splits["train"].with_transform(prepared.train_transform)}
+    # Crops are seeded per example from (seed, epoch, index), so a run resumed from any checkpoint, even mid-epoch
+    # where the data loader had already prefetched the next batch, draws exactly the crops of an uninterrupted run.
+    datasets = {"train": PerExampleSeededDataset(splits["train"], prepared.train_transform, training_args.seed)}
     for split in ("validation", "test"):
         if split in splits:
             datasets[split] = splits[split].with_transform(prepared.eval_transform)
 
-    callbacks = []
+    callbacks = [EpochSeedCallback()]
     if training_args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = ViTTrainer(
