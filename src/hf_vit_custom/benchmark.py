@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .configuration_vit_custom import ViTCustomConfig, to_pair
+from .conversion import config_to_transformers
 from .modeling_vit_custom import ViTCustomForImageClassification
 
 
@@ -83,18 +84,7 @@ def build_contenders(
     if include_transformers:
         from transformers import ViTConfig, ViTForImageClassification
 
-        reference_config = ViTConfig(
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            num_channels=config.num_channels,
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            intermediate_size=config.intermediate_size,
-            layer_norm_eps=config.layer_norm_eps,
-            qkv_bias=config.qkv_bias,
-            num_labels=config.num_labels,
-        )
+        reference_config = ViTConfig(**config_to_transformers(config, with_head=True))
         contenders += [
             Contender(
                 f"transformers-{backend}",

@@ -43,6 +43,24 @@ JAX_TIMM_LAYER_NORM_EPS = 1e-6
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Fields that transformers' `ViTConfig` and `ViTCustomConfig` share under the same name and meaning.
+SHARED_CONFIG_FIELDS = (
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+)
+
+
 def expected_shapes(config: ViTCustomConfig, with_head: bool) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter of `ViTCustomModel` (or `ViTCustomForImageClassification` when `with_head`)."""
     hidden, mlp = config.hidden_size, config.intermediate_size
@@ -247,25 +265,7 @@ def config_from_transformers(vit_config: Any, num_labels: int | None = None) -> 
     otherwise. `num_labels` is the head's width; labels come from `id2label` when it has that many entries.
     """
     source = _transformers_config_dict(vit_config)
-    kwargs = {
-        name: source[name]
-        for name in (
-            "image_size",
-            "patch_size",
-            "num_channels",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "layer_norm_eps",
-            "qkv_bias",
-            "hidden_dropout_prob",
-            "attention_probs_dropout_prob",
-            "initializer_range",
-        )
-        if name in source
-    }
+    kwargs = {name: source[name] for name in SHARED_CONFIG_FIELDS if name in source}
     id2label = source.get("id2label")
     if num_labels is not None:
         kwargs |= _label_kwargs(num_labels, id2label if id2label and len(id2label) == num_labels else None)
@@ -347,24 +347,7 @@ def config_to_transformers(config: ViTCustomConfig, with_head: bool) -> dict[str
     """`ViTCustomConfig` -> keyword arguments of transformers' `ViTConfig`."""
     if config.pooling != "cls":
         raise ValueError(f"transformers' ViT pools the class token; pooling={config.pooling!r} has no equivalent.")
-    kwargs = {
-        name: getattr(config, name)
-        for name in (
-            "image_size",
-            "patch_size",
-            "num_channels",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "layer_norm_eps",
-            "qkv_bias",
-            "hidden_dropout_prob",
-            "attention_probs_dropout_prob",
-            "initializer_range",
-        )
-    }
+    kwargs = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
     if with_head:
         kwargs |= {"id2label": dict(config.id2label), "label2id": dict(config.label2id)}
     return kwargs
