@@ -29,6 +29,30 @@ def tiny_config_kwargs(**overrides):
     return kwargs
 
 
+# The same tiny model as `tiny_config_kwargs`, as `--config_overrides` of the training scripts.
+TINY_OVERRIDES = "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64"
+
+
+def small_run_args(output_dir) -> list[str]:
+    """Training-script flags for a seconds-long run: the tiny model on a slice of the digits, no loggers."""
+    return [
+        "--output_dir",
+        str(output_dir),
+        "--config_overrides",
+        TINY_OVERRIDES,
+        "--max_train_samples",
+        "128",
+        "--max_eval_samples",
+        "64",
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "16",
+        "--report_to",
+        "none",
+    ]
+
+
 @pytest.fixture
 def tiny_config():
     return hf_vit_custom.ViTCustomConfig(**tiny_config_kwargs())

@@ -20,20 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
+from conftest import tiny_config_kwargs  # this script's folder is on sys.path, as for the tests
 from torch import nn
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
 
-CONFIG = {
-    "image_size": 16,
-    "patch_size": 4,
-    "num_channels": 3,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "num_labels": 10,
-}
+CONFIG = tiny_config_kwargs(num_labels=10)
 SEED = 0
 BATCH_SIZE = 16  # the global batch; each of the two ranks trains on its own half
 STEPS = 8

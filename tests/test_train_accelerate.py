@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import run_bounded
+from conftest import TINY_OVERRIDES, run_bounded, small_run_args
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
@@ -22,25 +22,11 @@ from hf_vit_custom.training import DataArguments, ModelArguments
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_accelerate.py"
 CONFIGS = REPO / "scripts" / "configs"
-TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64"
 
 
 def quick_args(output_dir, *extra: str) -> list[str]:
     return [
-        "--output_dir",
-        str(output_dir),
-        "--config_overrides",
-        TINY,
-        "--max_train_samples",
-        "128",
-        "--max_eval_samples",
-        "64",
-        "--num_train_epochs",
-        "2",
-        "--per_device_train_batch_size",
-        "16",
-        "--report_to",
-        "none",
+        *small_run_args(output_dir),
         "--disable_tqdm",
         "--num_demo_predictions",
         "0",
@@ -192,7 +178,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
     # Augmentation and dropout on, so that the crops and the model's random stream must be restored exactly too.
     resumable = [
         "--config_overrides",
-        f"{TINY},hidden_dropout_prob=0.1,drop_path_rate=0.1",
+        f"{TINY_OVERRIDES},hidden_dropout_prob=0.1,drop_path_rate=0.1",
         "--min_crop_scale",
         "0.6",
         "--checkpointing_steps",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_bounded, tiny_config_kwargs
+from conftest import TINY_OVERRIDES, run_bounded, small_run_args, tiny_config_kwargs
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser
@@ -27,7 +27,6 @@ from hf_vit_custom.training import (
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
-TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64"
 
 
 def parse(args: list[str]):
@@ -37,20 +36,7 @@ def parse(args: list[str]):
 
 def quick_args(output_dir, *extra: str) -> list[str]:
     return [
-        "--output_dir",
-        str(output_dir),
-        "--config_overrides",
-        TINY,
-        "--max_train_samples",
-        "128",
-        "--max_eval_samples",
-        "64",
-        "--num_train_epochs",
-        "2",
-        "--per_device_train_batch_size",
-        "16",
-        "--report_to",
-        "none",
+        *small_run_args(output_dir),
         "--disable_tqdm",
         "true",
         "--num_demo_predictions",
@@ -143,7 +129,7 @@ def test_train_on_an_image_folder(tmp_path):
             "--config_name",
             "vit-tiny-patch16-224",
             "--config_overrides",
-            f"{TINY},image_size=16,patch_size=4",
+            f"{TINY_OVERRIDES},image_size=16,patch_size=4",
             "--horizontal_flip",
             "true",
         ]
@@ -162,7 +148,7 @@ def test_fine_tune_a_checkpoint_with_a_new_label_set(tmp_path):
     base.save_pretrained(tmp_path / "base")
     args = [*quick_args(tmp_path / "out"), "--train_dir", str(folder), "--model_name_or_path", str(tmp_path / "base")]
     args.remove("--config_overrides")
-    args.remove(TINY)
+    args.remove(TINY_OVERRIDES)
     train(*parse(args))
     tuned = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
     assert tuned.classifier.out_features == 3
@@ -180,7 +166,7 @@ def test_resume_from_checkpoint_restores_every_weight_and_matches_an_uninterrupt
         "--min_crop_scale",
         "0.6",
         "--config_overrides",
-        f"{TINY},drop_path_rate=0.1",
+        f"{TINY_OVERRIDES},drop_path_rate=0.1",
         "--save_strategy",
         "steps",
         "--save_steps",
