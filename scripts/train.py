@@ -14,6 +14,7 @@ import sys
 
 import torch.distributed as dist
 
+from hf_vit_custom.checkpointing import TrainingInterrupted
 from hf_vit_custom.training import (
     DataArguments,
     ModelArguments,
@@ -31,7 +32,11 @@ def main(args: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
     logging.getLogger("hf_vit_custom").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
 
-    metrics = train(model_args, data_args, training_args)
+    try:
+        metrics = train(model_args, data_args, training_args)
+    except TrainingInterrupted as interruption:  # Ctrl-C: say what survived instead of a traceback
+        print(interruption, file=sys.stderr)
+        raise SystemExit(130) from None
 
     if training_args.process_index == 0:
         print_results(metrics, training_args.output_dir)

@@ -17,6 +17,7 @@ import os
 import sys
 
 from hf_vit_custom.accelerate_loop import AccelerateArguments, train_with_accelerate
+from hf_vit_custom.checkpointing import TrainingInterrupted
 from hf_vit_custom.training import DataArguments, ModelArguments, parse_arguments, print_results
 
 
@@ -27,7 +28,11 @@ def main(args: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
     logging.getLogger("hf_vit_custom").setLevel(logging.INFO)  # Accelerate's logger speaks on the main process only
 
-    metrics = train_with_accelerate(model_args, data_args, accelerate_args)
+    try:
+        metrics = train_with_accelerate(model_args, data_args, accelerate_args)
+    except TrainingInterrupted as interruption:  # Ctrl-C: say what survived instead of a traceback
+        print(interruption, file=sys.stderr)
+        raise SystemExit(130) from None
 
     if int(os.environ.get("RANK", "0")) == 0:  # set by torchrun and accelerate launch
         print_results(metrics, accelerate_args.output_dir)

@@ -189,8 +189,9 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
     full = train_in_process(tmp_path / "full", *resumable)
     assert sorted(path.name for path in (tmp_path / "full").glob("step_*")) == ["step_10", "step_15", "step_5"]
     # 8 steps per epoch: step 5 is inside the first epoch.
-    progress = torch.load(tmp_path / "full" / "step_5" / "custom_checkpoint_0.pkl", weights_only=False)
+    progress = json.loads((tmp_path / "full" / "step_5" / "training_progress.json").read_text())
     assert (progress["epoch"], progress["batches_in_epoch"], progress["completed_steps"]) == (0, 5, 5)
+    assert not list((tmp_path / "full" / "step_5").glob("custom_checkpoint_*"))  # no pickle to load on resume
 
     # Resume a copy of that checkpoint in a fresh folder; "latest" finds it.
     shutil.copytree(tmp_path / "full" / "step_5", tmp_path / "resumed" / "step_5")

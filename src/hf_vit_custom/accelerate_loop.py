@@ -39,6 +39,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .checkpointing import (
+    TrainingInterrupted,
+    check_output_folder,
+    interrupted_message,
+    training_footprint,
+    write_checkpoint_atomically,
+)
 from .data import PerExampleSeededDataset, collate_fn
 from .hub import push_model_folder
 from .metrics import ClassificationMetrics
@@ -57,6 +64,7 @@ logger = get_logger(__name__)
 CHECKPOINT_PREFIX = "step_"
 LOG_HISTORY_NAME = "log_history.json"
 RESULTS_NAME = "all_results.json"
+PROGRESS_NAME = "training_progress.json"
 
 
 @dataclass
@@ -135,7 +143,11 @@ class AccelerateArguments:
 
 
 class TrainingProgress:
-    """Where the loop stands; saved with every checkpoint (`register_for_checkpointing`) and restored on resume."""
+    """Where the loop stands; saved as JSON with every checkpoint and restored on resume.
+
+    JSON rather than `register_for_checkpointing`, whose pickle Accelerate loads with `weights_only=False`: a
+    checkpoint folder from elsewhere could then run code.
+    """
 
     def __init__(self):
         self.completed_steps = 0  # optimiser steps
@@ -147,15 +159,18 @@ class TrainingProgress:
         self.window_batches = 0
         self.log_history: list[dict[str, float]] = []
 
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+    def save(self, folder: Path) -> None:
+        (folder / PROGRESS_NAME).write_text(json.dumps(vars(self), indent=2) + "\n")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
+    def load(self, folder: Path) -> None:
+        path = folder / PROGRESS_NAME
+        if not path.is_file():
+            raise ValueError(f"{str(folder)!r} is not a checkpoint of this loop: it has no {PROGRESS_NAME}.")
+        vars(self).update(json.loads(path.read_text()))
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path:
-    """The `step_N` folder with the largest N in `output_dir`."""
+    """The `step_N` folder with the largest N in `output_dir` (written atomically, so complete)."""
     pattern = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
     found = [
         (int(match.group(1)), path)
@@ -230,6 +245,13 @@ def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, 
             ),
         )
         return _train(accelerator, model_args, data_args, args)
+    except KeyboardInterrupt:
+        # A checkpoint being written when Ctrl-C came was dropped with its staging folder; the others are complete.
+        try:
+            latest = find_latest_checkpoint(args.output_dir)
+        except ValueError:
+            latest = None
+        raise TrainingInterrupted(interrupted_message(latest, args.output_dir)) from None
     finally:
         _reset_accelerate_state()
 
@@ -321,8 +343,10 @@ def _train(
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
+    if accelerator.is_main_process:  # room for the final model and every checkpoint, checked before training
+        checkpoints = max_train_steps // args.checkpointing_steps if args.checkpointing_steps else 0
+        check_output_folder(output_dir, training_footprint(model.num_parameters(), checkpoints))
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
 
     if tracking:
         accelerator.init_trackers("runs", config=_hparams(model_args, data_args, args))
@@ -333,7 +357,8 @@ def _train(
             if args.resume_from_checkpoint == "latest"
             else Path(args.resume_from_checkpoint)
         )
-        accelerator.load_state(str(checkpoint))  # model, optimiser, scheduler, RNG states and `progress`
+        progress.load(checkpoint)
+        accelerator.load_state(str(checkpoint))  # model, optimiser, scheduler and RNG states
         logger.info(
             "Resumed from %s: step %d, epoch %d after batch %d",
             checkpoint,
@@ -376,6 +401,14 @@ def _train(
         entry = {**entry, "step": progress.completed_steps}
         progress.log_history.append(entry)
         accelerator.log({key: value for key, value in entry.items() if key != "step"}, step=progress.completed_steps)
+
+    def save_checkpoint(folder: Path) -> None:
+        def write(staging: Path) -> None:
+            accelerator.save_state(str(staging))
+            if accelerator.is_main_process:
+                progress.save(staging)
+
+        write_checkpoint_atomically(folder, write, accelerator.is_main_process, accelerator.wait_for_everyone)
 
     start, start_step = time.perf_counter(), progress.completed_steps
     grad_norm = None
@@ -422,7 +455,7 @@ def _train(
                 progress_bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 progress.window_loss_sum, progress.window_batches = 0.0, 0
             if at_checkpoint:
-                accelerator.save_state(str(output_dir / f"{CHECKPOINT_PREFIX}{progress.completed_steps}"))
+                save_checkpoint(output_dir / f"{CHECKPOINT_PREFIX}{progress.completed_steps}")
         flush_loss(window, window_batches)
         validation = evaluate(model, eval_dataloaders["validation"], accelerator, num_labels)
         log({**_prefixed("eval", validation), "epoch": epoch + 1})

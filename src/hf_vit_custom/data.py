@@ -422,6 +422,30 @@ def default_image_processor(image_size: int | Sequence[int] = 224, num_channels:
     )
 
 
+# 16-bit integer modes: PIL's own conversion to 8 bits clips instead of rescaling, which turns the image white.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """Convert `image` to "L" or "RGB" the way a person would read it, or raise a `ValueError` naming the problem.
+
+    16-bit images are rescaled to 8 bits (PIL would clip them); transparent images are laid on white, as
+    transformers' `convert_to_rgb` does, rather than keeping whatever colour hides under the transparent pixels.
+    """
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Image of size {image.width}x{image.height} has no pixels.")
+    if image.mode == "F":
+        raise ValueError("Floating-point ('F' mode) images have no defined pixel range; convert them to 8 bits first.")
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image if image.mode == mode else image.convert(mode)
+
+
 class ImageClassificationTransform:
     """Batch transform for `Dataset.with_transform`: PIL images and labels in, `pixel_values` and `labels` out.
 
@@ -498,7 +522,7 @@ class ImageClassificationTransform:
             `pixel_values` float32 (batch, num_channels, height, width) and `labels` int64 (batch,).
         """
         mode = "L" if self.num_channels == 1 else "RGB"
-        images = [image.convert(mode) for image in batch[self.image_column]]
+        images = [convert_image(image, mode) for image in batch[self.image_column]]
         if self.train and example_seeds is None:
             images = [self.augment(image) for image in images]
         elif self.train:
@@ -675,10 +699,24 @@ def _scan_image_folder(folder: str | os.PathLike, argument: str) -> tuple[list[s
     return [str(path) for path in images], class_names
 
 
+def _check_image_files(files: list[str]) -> None:
+    """Open every file's header and verify its data, so that a truncated or non-image file is named up front.
+
+    Otherwise it surfaces as a PIL error in the middle of training, without the file's name.
+    """
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types for bad files: all mean the same here
+            raise ValueError(f"Cannot read image {file!r}: {error}. Remove or replace the file.") from error
+
+
 def _load_image_files(files: list[str], cache_dir: str | os.PathLike | None) -> datasets.Dataset:
     # An explicit file list rather than `data_dir`: with `data_dir`, `datasets` infers splits from path names, so a
     # class folder or file named like "test_1.png" silently becomes a separate split and the rest is dropped.
     # `drop_labels=False` keeps the labels that `imagefolder` would otherwise only infer heuristically.
+    _check_image_files(files)
     loaded = datasets.load_dataset(
         "imagefolder",
         data_files={"train": files},
@@ -710,6 +748,7 @@ __all__ = [
     "PerExampleSeededDataset",
     "build_datasets",
     "collate_fn",
+    "convert_image",
     "default_image_processor",
     "encode_labels",
     "label_maps",

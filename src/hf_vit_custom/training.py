@@ -24,6 +24,15 @@ from transformers import (
     set_seed,
 )
 
+from .checkpointing import (
+    TrainingInterrupted,
+    check_output_folder,
+    discard_incomplete_checkpoints,
+    interrupted_message,
+    last_complete_checkpoint,
+    resolve_resume_checkpoint,
+    training_footprint,
+)
 from .configuration_vit_custom import ViTCustomConfig, to_pair
 from .data import (
     ImageClassificationTransform,
@@ -383,7 +392,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
         compute_metrics=build_compute_metrics(model.config.num_labels),
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    output_dir = training_args.output_dir
+    if training_args.should_save:
+        # Found now rather than at the first checkpoint; a half-written checkpoint of a killed run is cleared away.
+        check_output_folder(output_dir, training_footprint(model.num_parameters(), training_args.save_total_limit))
+        discard_incomplete_checkpoints(output_dir)
+    resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except KeyboardInterrupt:
+        if training_args.should_save:
+            discard_incomplete_checkpoints(output_dir)
+        raise TrainingInterrupted(interrupted_message(last_complete_checkpoint(output_dir), output_dir)) from None
     logger.info(
         "Trained with world size %d, model wrapped in %s",
         training_args.world_size,
