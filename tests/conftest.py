@@ -61,8 +61,10 @@ def tiny_config():
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_bounded(command: list[str], timeout: int = 300) -> str:
-    """Run `command` from the repository root in its own process group and return its output; fail if it fails.
+def run_bounded(command: list[str], timeout: int = 300, returncode: int | None = 0) -> str:
+    """Run `command` from the repository root in its own process group and return its output.
+
+    Fails unless the command exits with `returncode` (`None` accepts any).
 
     A hang is ended with SIGTERM, then SIGKILL, sent to the whole group: SIGKILL of torchrun alone would orphan its
     workers. One thread per process keeps several processes from fighting over the cores.
@@ -81,5 +83,5 @@ def run_bounded(command: list[str], timeout: int = 300) -> str:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
         pytest.fail(f"{command} timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-5000:]
+    assert returncode is None or process.returncode == returncode, output[-5000:]
     return output

@@ -63,8 +63,8 @@ DEFAULT_PRESET = "vit-tiny-patch16-224"
 # Hyper-parameters the model card lists.
 HUB_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay", "seed")
 # Learned tokens that act like embeddings: decaying them towards zero only erases what they encode (timm's
-# `no_weight_decay()` excludes the same two).
-NO_DECAY_PARAMETERS = ("cls_token", "position_embeddings")
+# `no_weight_decay()` excludes the first two; the third is the MAE decoder's mask token).
+NO_DECAY_PARAMETERS = ("cls_token", "position_embeddings", "mask_token")
 
 
 @dataclass
@@ -214,43 +214,61 @@ class EpochSeedCallback(TrainerCallback):
 
 
 class ViTTrainer(Trainer):
-    """Trainer whose optimiser decays only the parameters `decay_parameter_names` selects."""
+    """Trainer whose optimiser decays only the parameters `decay_parameter_names` selects, and whose evaluation leaves
+    the training's random stream alone."""
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         return decay_parameter_names(model)
 
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """Evaluate without touching the global random generator that dropout and stochastic depth draw from.
 
-def build_config(model_args: ModelArguments, uses_default_data: bool, **label_kwargs) -> ViTCustomConfig:
-    """The configuration to train from scratch, with the data's labels and any `--config_overrides`."""
+        The evaluation data loader draws a seed from it. A checkpoint saved at an epoch's last step comes before that
+        epoch's evaluation, so a run resumed from it would otherwise draw different dropout masks from then on.
+        """
+        with torch.random.fork_rng():
+            return super().evaluate(*args, **kwargs)
+
+
+def build_config(model_args: ModelArguments, uses_default_data: bool, **config_kwargs) -> ViTCustomConfig:
+    """The configuration to train from scratch, with `config_kwargs` (the data's labels...) and `--config_overrides`."""
     if model_args.config_name is None:
         preset = DIGITS_CONFIG if uses_default_data else ViTCustomConfig.from_preset(DEFAULT_PRESET).to_diff_dict()
-        config = ViTCustomConfig(**{**preset, **label_kwargs})
+        config = ViTCustomConfig(**{**preset, **config_kwargs})
     elif os.path.exists(model_args.config_name) or "/" in model_args.config_name:
         config = AutoConfig.from_pretrained(
-            model_args.config_name, revision=model_args.model_revision, cache_dir=model_args.cache_dir, **label_kwargs
+            model_args.config_name, revision=model_args.model_revision, cache_dir=model_args.cache_dir, **config_kwargs
         )
     else:
-        config = ViTCustomConfig.from_preset(model_args.config_name, **label_kwargs)
+        config = ViTCustomConfig.from_preset(model_args.config_name, **config_kwargs)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
         config.validate()
     return config
 
 
-def build_model_and_processor(model_args: ModelArguments, uses_default_data: bool, id2label: dict[int, str]):
-    """A classifier for the data's labels and the image processor that feeds it.
+def build_model_and_processor(
+    model_args: ModelArguments,
+    uses_default_data: bool,
+    id2label: dict[int, str],
+    auto_class: type = AutoModelForImageClassification,
+    **config_kwargs,
+):
+    """A classifier (or another `auto_class` model) for the data's labels and the image processor that feeds it.
 
-    Fine-tuning a checkpoint whose label set differs replaces its head (`ignore_mismatched_sizes`).
+    Fine-tuning a checkpoint whose label set differs replaces its head (`ignore_mismatched_sizes`). `config_kwargs`
+    override config fields the same way as the labels.
     """
     label_kwargs = {
         "num_labels": len(id2label),
         "id2label": id2label,
         "label2id": {label: index for index, label in id2label.items()},
+        **config_kwargs,
     }
     if model_args.model_name_or_path:
         hub_kwargs = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs, **label_kwargs)
-        model = AutoModelForImageClassification.from_pretrained(
+        model = auto_class.from_pretrained(
             model_args.model_name_or_path,
             config=config,
             ignore_mismatched_sizes=True,
@@ -265,7 +283,7 @@ def build_model_and_processor(model_args: ModelArguments, uses_default_data: boo
             image_processor = default_image_processor(to_pair(config.image_size), config.num_channels)
     else:
         config = build_config(model_args, uses_default_data, **label_kwargs)
-        model = AutoModelForImageClassification.from_config(config, attn_implementation=model_args.attn_implementation)
+        model = auto_class.from_config(config, attn_implementation=model_args.attn_implementation)
         if model_args.image_processor_name:
             image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name)
         else:
@@ -323,9 +341,26 @@ class PreparedData:
     train_transform: ImageClassificationTransform
     eval_transform: ImageClassificationTransform
 
+    def model_inputs(self, seed: int) -> dict[str, torch.utils.data.Dataset]:
+        """The splits with their transforms attached, as `Trainer` takes them."""
+        # Crops are seeded per example from (seed, epoch, index), so a run resumed from any checkpoint, even mid-epoch
+        # where the data loader had already prefetched the next batch, draws exactly the crops of an uninterrupted run.
+        datasets = {"train": PerExampleSeededDataset(self.splits["train"], self.train_transform, seed)}
+        for split in ("validation", "test"):
+            if split in self.splits:
+                datasets[split] = self.splits[split].with_transform(self.eval_transform)
+        return datasets
 
-def prepare_data_and_model(model_args: ModelArguments, data_args: DataArguments, seed: int) -> PreparedData:
-    """Load and validate the data, build the model for its labels, and the transforms: shared by both training loops.
+
+def prepare_data_and_model(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    seed: int,
+    auto_class: type = AutoModelForImageClassification,
+    **config_kwargs,
+) -> PreparedData:
+    """Load and validate the data, build the model for its labels, and the transforms: shared by both training loops
+    and by pre-training (`auto_class` and `config_kwargs` as in `build_model_and_processor`).
 
     The training transform draws its crops from torch's global generator (seeded by `set_seed`); each loop decides
     how that generator is kept reproducible across a resume.
@@ -343,7 +378,9 @@ def prepare_data_and_model(model_args: ModelArguments, data_args: DataArguments,
     )
     uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
     id2label, _ = label_maps(splits["train"])
-    model, image_processor = build_model_and_processor(model_args, uses_default_data, id2label)
+    model, image_processor = build_model_and_processor(
+        model_args, uses_default_data, id2label, auto_class, **config_kwargs
+    )
     limits = {
         "train": data_args.max_train_samples,
         "validation": data_args.max_eval_samples,
@@ -365,6 +402,26 @@ def prepare_data_and_model(model_args: ModelArguments, data_args: DataArguments,
     return PreparedData(splits, model, image_processor, train_transform, eval_transform)
 
 
+def run_trainer(trainer: Trainer, training_args: TrainingArguments):
+    """`trainer.train()`, resuming from `--resume_from_checkpoint`, with what a killed run leaves behind handled.
+
+    Returns `trainer.train()`'s result; Ctrl-C becomes `TrainingInterrupted`, which names the checkpoint that survived.
+    """
+    output_dir = training_args.output_dir
+    if training_args.should_save:
+        # Found now rather than at the first checkpoint; a half-written checkpoint of a killed run is cleared away.
+        footprint = training_footprint(trainer.model.num_parameters(), training_args.save_total_limit)
+        check_output_folder(output_dir, footprint)
+        discard_incomplete_checkpoints(output_dir)
+    resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    try:
+        return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except KeyboardInterrupt:
+        if training_args.should_save:
+            discard_incomplete_checkpoints(output_dir)
+        raise TrainingInterrupted(interrupted_message(last_complete_checkpoint(output_dir), output_dir)) from None
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: ViTTrainingArguments) -> dict:
     """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
@@ -372,12 +429,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
     prepared = prepare_data_and_model(model_args, data_args, training_args.seed)
     model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
     raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
-    # Crops are seeded per example from (seed, epoch, index), so a run resumed from any checkpoint, even mid-epoch
-    # where the data loader had already prefetched the next batch, draws exactly the crops of an uninterrupted run.
-    datasets = {"train": PerExampleSeededDataset(splits["train"], prepared.train_transform, training_args.seed)}
-    for split in ("validation", "test"):
-        if split in splits:
-            datasets[split] = splits[split].with_transform(prepared.eval_transform)
+    datasets = prepared.model_inputs(training_args.seed)
 
     callbacks = [EpochSeedCallback()]
     if training_args.early_stopping_patience is not None:
@@ -392,18 +444,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
         compute_metrics=build_compute_metrics(model.config.num_labels),
         callbacks=callbacks,
     )
-    output_dir = training_args.output_dir
-    if training_args.should_save:
-        # Found now rather than at the first checkpoint; a half-written checkpoint of a killed run is cleared away.
-        check_output_folder(output_dir, training_footprint(model.num_parameters(), training_args.save_total_limit))
-        discard_incomplete_checkpoints(output_dir)
-    resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
-    try:
-        train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    except KeyboardInterrupt:
-        if training_args.should_save:
-            discard_incomplete_checkpoints(output_dir)
-        raise TrainingInterrupted(interrupted_message(last_complete_checkpoint(output_dir), output_dir)) from None
+    train_result = run_trainer(trainer, training_args)
     logger.info(
         "Trained with world size %d, model wrapped in %s",
         training_args.world_size,
