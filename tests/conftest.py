@@ -5,7 +5,9 @@ import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -51,6 +53,18 @@ def small_run_args(output_dir) -> list[str]:
         "--report_to",
         "none",
     ]
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6, seed: int = 0) -> Path:
+    """Write `root/<class>/<image>.png` random RGB images of varying sizes; return `root`."""
+    rng = np.random.default_rng(seed)
+    for class_index, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            height, width = 10 + index, 12 + 2 * class_index
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{index}.png")
+    return root
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
 from hf_vit_custom.data import (
@@ -36,18 +37,6 @@ CLASSES = ["cat", "dog", "fox"]
 @pytest.fixture(scope="module")
 def digits() -> datasets.DatasetDict:
     return load_digits_dataset(seed=42)
-
-
-def make_image_folder(root: Path, classes=CLASSES, per_class: int = 6, seed: int = 0) -> Path:
-    """Write `root/<class>/<image>.png` RGB images of varying sizes; return `root`."""
-    rng = np.random.default_rng(seed)
-    for class_index, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for index in range(per_class):
-            height, width = 10 + index, 12 + 2 * class_index
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{name}_{index}.png")
-    return root
 
 
 def image_bytes(dataset: datasets.Dataset) -> list[bytes]:

@@ -34,8 +34,6 @@ def run_args(script: str, output_dir: Path) -> list[str]:
     """A short run with crops, dropout and stochastic depth on, so that every random draw must be restored."""
     common = [
         *small_run_args(output_dir),
-        "--num_train_epochs",
-        "2",
         "--config_overrides",
         f"{TINY_OVERRIDES},hidden_dropout_prob=0.1,drop_path_rate=0.1",
         "--min_crop_scale",

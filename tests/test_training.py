@@ -6,10 +6,9 @@ import socket
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, run_bounded, small_run_args, tiny_config_kwargs
+from conftest import TINY_OVERRIDES, make_image_folder, run_bounded, small_run_args, tiny_config_kwargs
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser
@@ -108,19 +107,8 @@ def test_train_on_digits_writes_a_model_that_loads_and_predicts(tmp_path):
         assert curve.size == (1000, 400)
 
 
-def make_image_folder(root: Path, classes=("circle", "square"), per_class: int = 12) -> Path:
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
-            pixels[5:15, 6:18, index % 3] = 250  # a bright block in the class's colour channel
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
-
-
 def test_train_on_an_image_folder(tmp_path):
-    folder = make_image_folder(tmp_path / "images")
+    folder = make_image_folder(tmp_path / "images", classes=("circle", "square"), per_class=12)
     model_args, data_args, training_args = parse(
         [
             *quick_args(tmp_path / "out"),

@@ -243,6 +243,7 @@ def build_config(model_args: ModelArguments, uses_default_data: bool, **config_k
         config = ViTCustomConfig.from_preset(model_args.config_name, **config_kwargs)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
+        config.validate_vit_values()  # a plain `ValueError` naming the field, as at construction
         config.validate()
     return config
 
