@@ -124,6 +124,17 @@ class ViTCustomConfig(PreTrainedConfig):
         if self.pooling not in POOLINGS:
             raise ValueError(f"`pooling` must be one of {POOLINGS}, got {self.pooling!r}.")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "ViTCustomConfig":
+        """Refuse another model's config: its fields would be ignored and a default ViT built in its place."""
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(
+                f"The config is of `model_type` {model_type!r}, not {cls.model_type!r}; convert the checkpoint with "
+                "`scripts/convert_checkpoint.py` or load it with its own class."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patches along height and width at the configured `image_size`."""

@@ -13,9 +13,15 @@ two files.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -37,6 +43,10 @@ AUTO_MAP = {
     "AutoModel": "modeling_vit_custom.ViTCustomModel",
     "AutoModelForImageClassification": "modeling_vit_custom.ViTCustomForImageClassification",
 }
+# Files a save writes that a later save in the same folder must replace or remove, so that no stale shard outlives it.
+WEIGHT_FILE_PATTERN = re.compile(
+    r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?"
+)
 
 
 class ViTCustomPatchEmbeddings(nn.Module):
@@ -258,8 +268,65 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.cls_token, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does, but atomically: a save killed half-way leaves the previous files loadable.
+
+        Everything is written to a hidden staging folder next to `save_directory` and then moved in file by file
+        with `os.replace`, which is atomic, weights first; stale weight shards of an earlier save are removed last.
+        """
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory)
+        if target.is_file():
+            raise OSError(f"Provided path ({save_directory}) should be a directory, not a file")
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        try:
+            result = super().save_pretrained(staging, *args, **kwargs)
+            written = sorted(staging.iterdir(), key=lambda path: not WEIGHT_FILE_PATTERN.fullmatch(path.name))
+            for path in written:
+                os.replace(path, target / path.name)
+            names = {path.name for path in written}
+            for stale in target.iterdir():
+                if WEIGHT_FILE_PATTERN.fullmatch(stale.name) and stale.name not in names:
+                    stale.unlink()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load as transformers does, but refuse what would silently give a wrong model.
+
+        A checkpoint without some encoder weights (truncated, or of another architecture) raises instead of
+        initialising them randomly; newly initialised task heads are fine. A corrupt safetensors file or a local
+        path that does not exist gets an `OSError` that names it.
+        """
+        source = str(pretrained_model_name_or_path)
+        if source.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(source)):
+            raise OSError(f"No model folder at {source!r}: the path does not exist.")
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {source!r} are not a readable safetensors file ({error}): the file is truncated or "
+                "corrupt; save or download it again."
+            ) from error
+        encoder_prefix = f"{cls.base_model_prefix}."
+        missing = sorted(
+            key
+            for key in info["missing_keys"]
+            if key.startswith(encoder_prefix) or not hasattr(model, cls.base_model_prefix)
+        )
+        if missing:
+            raise OSError(
+                f"The checkpoint {source!r} lacks {len(missing)} encoder weights (e.g. {missing[:3]}): it is "
+                "incomplete or belongs to another architecture, and loading it would leave them random."
+            )
+        return (model, info) if wants_info else model
 
 
 class ViTCustomModel(ViTCustomPreTrainedModel):
@@ -293,6 +360,9 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
                 "use the image processor to rescale and normalise images."
             )
         _, num_channels, height, width = pixel_values.shape
+        # A NaN pixel would turn every output into NaN without a word; skipped under `torch.compile` (a host sync).
+        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+            raise ValueError("`pixel_values` contains NaN or infinite values; check the images and their decoding.")
         if num_channels != self.config.num_channels:
             raise ValueError(
                 f"`pixel_values` has {num_channels} channels but the model expects {self.config.num_channels} "
@@ -357,6 +427,30 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
+    def check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        """Name a label the loss cannot use, rather than failing inside `cross_entropy` or training on garbage."""
+        if labels.is_floating_point():
+            if self.num_labels > 1 and labels.shape != logits.shape:
+                raise ValueError(
+                    f"Float `labels` are multi-hot targets and need shape {tuple(logits.shape)} (batch, num_labels), "
+                    f"got {tuple(labels.shape)}; class indices must be an integer tensor."
+                )
+            return
+        if self.num_labels == 1 or self.config.problem_type not in (None, "single_label_classification"):
+            return
+        if labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"`labels` must hold one class index per image, shape {tuple(logits.shape[:1])}, "
+                f"got {tuple(labels.shape)}."
+            )
+        # -100 is the index that `cross_entropy` ignores.
+        invalid = labels[(labels != -100) & ((labels < 0) | (labels >= self.num_labels))]
+        if invalid.numel():
+            raise ValueError(
+                f"`labels` must be class indices in [0, {self.num_labels}) (`config.num_labels`), got "
+                f"{sorted(set(invalid.tolist()))[:5]}."
+            )
+
     @can_return_tuple
     def forward(
         self,
@@ -379,6 +473,7 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
         logits = self.classifier(outputs.pooler_output)  # (batch, num_labels)
         loss = None
         if labels is not None:
+            self.check_labels(labels, logits)
             loss = self.loss_function(labels, logits, self.config)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
