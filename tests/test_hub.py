@@ -278,8 +278,11 @@ def test_cli_pushes_an_old_save_completed_for_trust_remote_code(hub, tmp_path, c
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_training_with_push_to_hub_uploads_the_model_and_card(hub, tmp_path):
-    """`scripts/train.py --push_to_hub` (Trainer's own pushes, then the final card commit) through the local Hub."""
+def test_training_with_push_to_hub_uploads_the_model_and_card(hub, tmp_path, capsys, caplog):
+    """`scripts/train.py --push_to_hub` (Trainer's own pushes, then the final card commit) through the local Hub.
+
+    The token comes from `HF_TOKEN` and appears in nothing the run writes, uploads or logs.
+    """
     from transformers import HfArgumentParser
 
     from hf_vit_custom.training import DataArguments, ModelArguments, ViTTrainingArguments, train
@@ -325,3 +328,16 @@ def test_training_with_push_to_hub_uploads_the_model_and_card(hub, tmp_path):
     assert test_results["accuracy"] == pytest.approx(metrics["test_accuracy"])
     repo = hub.repos["test-user/vit-trained"]
     assert all(TOKEN.encode() not in content for commit in repo.commits.values() for content in commit.values())
+    written = snapshot(output_dir)
+    assert "training_args.bin" in written and "config.json" in written and "README.md" in written
+    assert [name for name, content in written.items() if TOKEN.encode() in content] == []
+    captured = capsys.readouterr()
+    assert TOKEN not in captured.out + captured.err + caplog.text
+
+
+def test_a_token_on_the_command_line_is_refused():
+    from hf_vit_custom.training import ViTTrainingArguments
+
+    with pytest.raises(ValueError, match="HF_TOKEN") as error:
+        ViTTrainingArguments(output_dir="unused", hub_token=TOKEN)
+    assert TOKEN not in str(error.value)

@@ -152,6 +152,13 @@ class ViTTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's unused-parameter search."})
 
     def __post_init__(self):
+        if self.hub_token is not None:
+            # Trainer pickles the arguments into every checkpoint's training_args.bin, and a flag ends up in the
+            # shell history and the process list.
+            raise ValueError(
+                "Pass the Hub token through the HF_TOKEN environment variable or `hf auth login`, not "
+                "`--hub_token`: the token would be saved with every checkpoint."
+            )
         # Without an accelerator, Trainer sets up `torchrun` workers as a process group but trains each alone
         # (parallel_mode stays NOT_PARALLEL); `use_cpu` makes them a real DDP group over gloo.
         if not self.use_cpu and not torch.accelerator.is_available():
@@ -472,7 +479,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
             training_args.output_dir,
             training_args.hub_model_id or Path(training_args.output_dir).absolute().name,
             private=bool(training_args.hub_private_repo),
-            token=training_args.hub_token,
             metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
             hyperparameters={key: getattr(training_args, key) for key in HUB_HYPERPARAMETERS},
             dataset=data_args.dataset_name or data_args.train_dir or "sklearn-digits",
