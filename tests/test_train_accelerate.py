@@ -87,6 +87,7 @@ def test_train_on_digits_writes_a_model_that_loads_and_predicts(tmp_path):
         "all_results.json",
         "log_history.json",
         "training_curve.png",
+        "attention_maps.png",
         "modeling_vit_custom.py",
     ):
         assert (tmp_path / name).exists(), name

@@ -105,6 +105,8 @@ def test_train_on_digits_writes_a_model_that_loads_and_predicts(tmp_path):
     assert reloaded.config.image_size == 16
     with Image.open(tmp_path / "training_curve.png") as curve:
         assert curve.size == (1000, 400)
+    with Image.open(tmp_path / "attention_maps.png") as grid:  # the 3 demo images, each over its attention map
+        assert grid.size == (3 * 150, 340)
 
 
 def test_train_on_an_image_folder(tmp_path):

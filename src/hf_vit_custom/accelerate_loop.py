@@ -113,7 +113,10 @@ class AccelerateArguments:
         default=None, metadata={"help": "Hub repository for --push_to_hub; defaults to output_dir's name."}
     )
     num_demo_predictions: int = field(
-        default=8, metadata={"help": "Test images classified by the reloaded model at the end (0 to skip)."}
+        default=8,
+        metadata={
+            "help": "Test images classified by the reloaded model and drawn over their attention maps (0 to skip)."
+        },
     )
     use_seedable_sampler: bool = field(
         default=True,

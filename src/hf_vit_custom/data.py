@@ -521,16 +521,21 @@ class ImageClassificationTransform:
         Returns:
             `pixel_values` float32 (batch, num_channels, height, width) and `labels` int64 (batch,).
         """
+        pixel_values = self.pixel_values(batch[self.image_column], example_seeds)
+        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[self.label_column], dtype=torch.long)}
+
+    def pixel_values(self, images: Sequence[Image.Image], example_seeds: list[int] | None = None) -> torch.Tensor:
+        """Images alone (no labels) as float32 (batch, num_channels, height, width): converted, augmented when
+        training, resized and normalised by the processor."""
         mode = "L" if self.num_channels == 1 else "RGB"
-        images = [convert_image(image, mode) for image in batch[self.image_column]]
+        images = [convert_image(image, mode) for image in images]
         if self.train and example_seeds is None:
             images = [self.augment(image) for image in images]
         elif self.train:
             generator = torch.Generator()  # reseeded per image: cheaper than seeding the global generator
             seeded = zip(images, example_seeds, strict=True)
             images = [self.augment(image, generator.manual_seed(seed)) for image, seed in seeded]
-        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[self.label_column], dtype=torch.long)}
+        return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
         """Randomly crop-and-resize to the processor size, then maybe flip (training only).

@@ -44,6 +44,7 @@ from .data import (
 )
 from .hub import push_model_folder
 from .metrics import build_compute_metrics
+from .visualize import save_attention_grid
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ HUB_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "per_device_train_ba
 # Learned tokens that act like embeddings: decaying them towards zero only erases what they encode (timm's
 # `no_weight_decay()` excludes the first two; the third is the MAE decoder's mask token).
 NO_DECAY_PARAMETERS = ("cls_token", "position_embeddings", "mask_token")
+ATTENTION_MAPS_NAME = "attention_maps.png"
 
 
 @dataclass
@@ -141,7 +143,10 @@ class ViTTrainingArguments(TrainingArguments):
     # `with_transform` needs the raw image column, which Trainer would otherwise drop before the transform runs.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw columns for the transform."})
     num_demo_predictions: int = field(
-        default=8, metadata={"help": "Test images classified by the reloaded model at the end (0 to skip)."}
+        default=8,
+        metadata={
+            "help": "Test images classified by the reloaded model and drawn over their attention maps (0 to skip)."
+        },
     )
     early_stopping_patience: int | None = field(
         default=None,
@@ -325,11 +330,14 @@ def plot_training_curve(log_history: list[dict], path: str | os.PathLike) -> Non
 def reload_and_predict(model_dir: str | os.PathLike, dataset) -> list[dict[str, str]]:
     """Load a saved model the way a user would (Auto classes, `pipeline`) and classify `dataset`'s images.
 
-    Returns one `{"predicted", "true", "score"}` row per image.
+    Also draws the images over their attention rollout, with predicted and true labels, into
+    `model_dir/attention_maps.png`. Returns one `{"predicted", "true", "score"}` row per image.
     """
     model = AutoModelForImageClassification.from_pretrained(model_dir)
-    classifier = pipeline(
-        "image-classification", model=model, image_processor=AutoImageProcessor.from_pretrained(model_dir)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    classifier = pipeline("image-classification", model=model, image_processor=image_processor)
+    save_attention_grid(
+        model, image_processor, dataset["image"], dataset["label"], Path(model_dir) / ATTENTION_MAPS_NAME
     )
     names = dataset.features["label"].names
     predictions = classifier(list(dataset["image"]), top_k=1)
