@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --preset vit-small-patch16-224 --batch_size 8 --dtype fp32
     python scripts/benchmark.py --preset vit-base-patch16-224 --device cuda --dtype bf16 --batch_size 64
+    python scripts/benchmark.py --batch_size 32 --gradient_checkpointing --cpu_memory --no_transformers --backends sdpa
 
 Prints a markdown table (images/s, share of the same run's large-matmul FLOP/s, ratio to transformers-sdpa) and
 writes it with the raw figures to `--output` (`.md` and `.json`). Compare figures only within one run.
@@ -30,13 +31,24 @@ def main(args: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     parser.add_argument("--no_transformers", action="store_true", help="time this package only")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="add our first backend with activation checkpointing"
+    )
+    parser.add_argument(
+        "--cpu_memory", action="store_true", help="CPU: measure each training step's memory in a fresh process"
+    )
     parser.add_argument("--output", default="benchmark", help="writes OUTPUT.md and OUTPUT.json")
     options = parser.parse_args(args)
 
     if options.threads:
         torch.set_num_threads(options.threads)
     config = ViTCustomConfig.from_preset(options.preset, num_labels=options.num_labels)
-    contenders = build_contenders(config, options.backends, include_transformers=not options.no_transformers)
+    contender_options = {
+        "backends": options.backends,
+        "include_transformers": not options.no_transformers,
+        "gradient_checkpointing": options.gradient_checkpointing,
+    }
+    contenders = build_contenders(config, **contender_options)
     report = run_benchmark(
         config,
         contenders,
@@ -46,6 +58,7 @@ def main(args: list[str] | None = None) -> dict:
         rounds=options.rounds,
         iterations=options.iterations,
         compile_model=options.compile,
+        cpu_memory_options=contender_options if options.cpu_memory else None,
     )
     report["preset"] = options.preset
     if options.compile:

@@ -7,6 +7,7 @@ from hf_vit_custom import ViTCustomConfig
 from hf_vit_custom.benchmark import (
     build_contenders,
     count_graph_breaks,
+    cpu_training_step_memory_mb,
     markdown_table,
     run_benchmark,
     vit_forward_flops,
@@ -40,3 +41,16 @@ def test_run_benchmark_measures_every_contender_and_compares_to_transformers():
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_classifier_compiles_as_one_graph(pooling):
     assert count_graph_breaks(ViTCustomConfig(**tiny_config_kwargs(pooling=pooling))) == 0
+
+
+def test_cpu_training_memory_is_measured_and_activation_checkpointing_lowers_it():
+    """Each contender's step is measured in its own fresh process; 6 layers at batch 64 leave room to see the saving."""
+    config = ViTCustomConfig(
+        image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=256
+    )
+    options = {"backends": ["sdpa"], "include_transformers": False, "include_timm": False}
+    names = ["hf_vit_custom-sdpa", "hf_vit_custom-sdpa-checkpointing"]
+    memory = cpu_training_step_memory_mb(config, names, 64, "fp32", gradient_checkpointing=True, **options)
+    assert set(memory) == set(names)
+    assert memory["hf_vit_custom-sdpa"] > 20  # activations of 6 layers x 64 images x 65 tokens, in MB
+    assert memory["hf_vit_custom-sdpa-checkpointing"] < 0.75 * memory["hf_vit_custom-sdpa"]

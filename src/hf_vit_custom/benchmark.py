@@ -5,11 +5,16 @@ Every contender gets the same architecture, batch, dtype and random weights. Rou
 figures are only comparable inside one run. A large matmul timed in the same run gives the practical FLOP/s ceiling.
 """
 
+import concurrent.futures
 import contextlib
+import ctypes
+import multiprocessing
+import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,7 +40,8 @@ class Measurement:
     training_images_per_s: float
     inference_flops_share: float  # achieved FLOP/s over the same run's large-matmul FLOP/s
     training_flops_share: float
-    peak_training_memory_mb: float | None  # CUDA only: torch.cuda.max_memory_allocated
+    # CUDA: torch.cuda.max_memory_allocated; CPU: growth of the resident set during one step (`--cpu_memory`)
+    peak_training_memory_mb: float | None
     extra: dict = field(default_factory=dict)
 
 
@@ -70,17 +76,35 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_contenders(
-    config: ViTCustomConfig, backends: list[str], include_transformers: bool = True, include_timm: bool = True
+    config: ViTCustomConfig,
+    backends: list[str],
+    include_transformers: bool = True,
+    include_timm: bool = True,
+    gradient_checkpointing: bool = False,
 ) -> list[Contender]:
-    """This package with each attention backend, transformers' ViT (sdpa, eager), and timm when it imports."""
+    """This package with each attention backend, transformers' ViT (sdpa, eager), and timm when it imports.
+
+    `gradient_checkpointing` adds this package's first backend with activation checkpointing on.
+    """
+
+    def ours(backend: str, checkpointing: bool = False) -> nn.Module:
+        model = ViTCustomForImageClassification._from_config(config, attn_implementation=backend)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        return model
+
     contenders = [
-        Contender(
-            f"hf_vit_custom-{backend}",
-            lambda backend=backend: ViTCustomForImageClassification._from_config(config, attn_implementation=backend),
-            lambda model, pixels: model(pixels).logits,
-        )
+        Contender(f"hf_vit_custom-{backend}", lambda backend=backend: ours(backend), lambda model, x: model(x).logits)
         for backend in backends
     ]
+    if gradient_checkpointing:
+        contenders.append(
+            Contender(
+                f"hf_vit_custom-{backends[0]}-checkpointing",
+                lambda: ours(backends[0], checkpointing=True),
+                lambda model, pixels: model(pixels).logits,
+            )
+        )
     if include_transformers:
         from transformers import ViTConfig, ViTForImageClassification
 
@@ -151,6 +175,51 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def _resident_memory_bytes(field_name: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field_name}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+
+def _training_step_memory_mb(config_values: dict, name: str, batch_size: int, dtype: str, **contender_options) -> float:
+    """In a fresh process: the resident memory one training step adds on top of the model and its optimiser.
+
+    Large tensors are then allocated with mmap and returned to the system when freed, so that the resident set
+    follows what is live (glibc's adaptive threshold would otherwise keep freed blocks); the peak (VmHWM) is reset
+    right before the step through /proc/self/clear_refs.
+    """
+    mallopt, m_mmap_threshold = ctypes.CDLL("libc.so.6").mallopt, -3
+    mallopt(m_mmap_threshold, 64 * 1024)
+    config = ViTCustomConfig(**config_values)
+    contender = {c.name: c for c in build_contenders(config, **contender_options)}[name]
+    height, width = to_pair(config.image_size)
+    batch = torch.randn(batch_size, config.num_channels, height, width)
+    labels = torch.randint(0, config.num_labels, (batch_size,))
+    runner = Runner(contender, batch, labels, {"fp32": None, "bf16": torch.bfloat16}[dtype], compile_model=False)
+    for parameter in runner.model.parameters():  # the optimiser's state, allocated before the measured step
+        runner.optimizer.state[parameter] = {
+            "step": torch.tensor(0.0),
+            "exp_avg": torch.zeros_like(parameter),
+            "exp_avg_sq": torch.zeros_like(parameter),
+        }
+    baseline = _resident_memory_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set size
+    runner.train_step()
+    return (_resident_memory_bytes("VmHWM") - baseline) / 2**20
+
+
+def cpu_training_step_memory_mb(
+    config: ViTCustomConfig, names: list[str], batch_size: int, dtype: str, **contender_options
+) -> dict[str, float]:
+    """`_training_step_memory_mb` of each contender, each in its own fresh process (Linux only)."""
+    spawn = multiprocessing.get_context("spawn")
+    results = {}
+    for name in names:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            job = pool.submit(_training_step_memory_mb, config.to_dict(), name, batch_size, dtype, **contender_options)
+            results[name] = job.result()
+    return results
+
+
 def time_call(function: Callable[[], None], device: torch.device, iterations: int) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -170,8 +239,13 @@ def run_benchmark(
     iterations: int = 2,
     warmup: int = 2,
     compile_model: bool = False,
+    cpu_memory_options: dict | None = None,
 ) -> dict:
-    """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment."""
+    """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment.
+
+    `cpu_memory_options` (the `build_contenders` arguments that rebuild `contenders` in a fresh process) also
+    measures each contender's training-step memory on the CPU; CUDA peaks are always measured.
+    """
     device = torch.device(device)
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
     generator = torch.Generator().manual_seed(0)
@@ -196,6 +270,10 @@ def run_benchmark(
             if device.type == "cuda":
                 peak_memory[runner.contender.name] = torch.cuda.max_memory_allocated(device) / 2**20
 
+    if device.type == "cpu" and cpu_memory_options is not None:
+        peak_memory = cpu_training_step_memory_mb(
+            config, [runner.contender.name for runner in runners], batch_size, dtype, **cpu_memory_options
+        )
     ceiling = matmul_flops_per_second(device, autocast_dtype or torch.float32)
     forward_flops = vit_forward_flops(config, config.num_labels)
     measurements = []
