@@ -348,7 +348,9 @@ def _train(
     lr_scheduler = accelerator.prepare(lr_scheduler)
     if accelerator.is_main_process:  # room for the final model and every checkpoint, checked before training
         checkpoints = max_train_steps // args.checkpointing_steps if args.checkpointing_steps else 0
-        check_output_folder(output_dir, training_footprint(model.num_parameters(), checkpoints))
+        check_output_folder(
+            output_dir, training_footprint(accelerator.unwrap_model(model).num_parameters(), checkpoints)
+        )
     progress = TrainingProgress()
 
     if tracking:
