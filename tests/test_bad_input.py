@@ -253,6 +253,12 @@ CASES = [
         ValueError,
         r"must be divisible by `num_attention_heads` \(5\)",
     ),
+    (
+        "override-that-reshapes-a-checkpoint",
+        lambda t: train_with(t, "--model_name_or_path", str(saved_model(t)), "--config_overrides", "hidden_size=64"),
+        ValueError,
+        r"no longer fits \d+ of its encoder weights",
+    ),
     ("unknown-preset-flag", lambda t: train_with(t, "--config_name", "vit-giant-patch4-16"), ValueError, r"preset"),
     ("crop-scale-zero", lambda t: train_with(t, "--min_crop_scale", "0"), ValueError, r"`crop_scale` must satisfy"),
     (

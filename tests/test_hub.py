@@ -272,6 +272,7 @@ def test_cli_pushes_an_old_save_completed_for_trust_remote_code(hub, tmp_path, c
         "AutoConfig",
         "AutoModel",
         "AutoModelForImageClassification",
+        "AutoModelForMaskedImageModeling",
     }
     assert snapshot(folder) == before
     assert script.main([str(tmp_path / "nowhere"), "--repo_id", "test-user/cli"]) == 1

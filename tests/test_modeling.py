@@ -318,6 +318,7 @@ def test_save_writes_remote_code_files_and_complete_auto_map(tmp_path):
         "AutoConfig": "configuration_vit_custom.ViTCustomConfig",
         "AutoModel": "modeling_vit_custom.ViTCustomModel",
         "AutoModelForImageClassification": "modeling_vit_custom.ViTCustomForImageClassification",
+        "AutoModelForMaskedImageModeling": "modeling_vit_custom.ViTCustomForMaskedImageModeling",
     }
 
 
@@ -400,3 +401,14 @@ def test_trust_remote_code_loading_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected)
+
+
+def test_set_attn_implementation_switches_the_backend_of_a_built_model():
+    model = build().eval()
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa_logits = model(images()).logits
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        assert model.vit.layers[0].attention.config._attn_implementation == "eager"
+        torch.testing.assert_close(model(images()).logits, sdpa_logits, rtol=1e-5, atol=1e-5)

@@ -137,10 +137,10 @@ def test_fine_tune_a_checkpoint_with_a_new_label_set(tmp_path):
     base = ViTCustomForImageClassification(ViTCustomConfig(**tiny_config_kwargs(num_labels=10)))
     base.save_pretrained(tmp_path / "base")
     args = [*quick_args(tmp_path / "out"), "--train_dir", str(folder), "--model_name_or_path", str(tmp_path / "base")]
-    args.remove("--config_overrides")
-    args.remove(TINY_OVERRIDES)
+    args[args.index(TINY_OVERRIDES)] = "drop_path_rate=0.1"  # overrides that keep the weights' shapes apply
     train(*parse(args))
     tuned = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert tuned.config.drop_path_rate == 0.1
     assert tuned.classifier.out_features == 3
     assert tuned.config.label2id == {"a": 0, "b": 1, "c": 2}
 

@@ -47,6 +47,16 @@ class ViTCustomConfig(PreTrainedConfig):
             patch tokens (`"mean"`).
         interpolate_pos_encoding (`bool`, defaults to `False`): resample position embeddings to the input size by
             default, so that models trained with `Trainer` accept other resolutions without a forward argument.
+        mask_ratio (`float`, defaults to 0.75): share of the patches that masked-image-modeling pre-training (MAE,
+            He et al., 2021, arXiv 2111.06377) hides from the encoder; must lie in (0, 1).
+        decoder_hidden_size (`int`, defaults to 512): width of the MAE decoder; must be divisible by 4 for its
+            2-D sine-cosine position embeddings.
+        decoder_num_hidden_layers (`int`, defaults to 8): layers of the MAE decoder.
+        decoder_num_attention_heads (`int`, defaults to 16): attention heads of the MAE decoder; must divide
+            `decoder_hidden_size`.
+        decoder_intermediate_size (`int`, defaults to 2048): hidden width of the MAE decoder's MLP.
+        norm_pix_loss (`bool`, defaults to `True`): reconstruct each patch's pixels normalised by the patch's own
+            mean and variance, which the paper finds gives better representations.
 
     Example:
 
@@ -75,6 +85,13 @@ class ViTCustomConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     pooling: str = "cls"
     interpolate_pos_encoding: bool = False
+    # Masked image modeling (MAE); the classifier and the bare encoder ignore these. Defaults are the paper's.
+    mask_ratio: float = 0.75
+    decoder_hidden_size: int = 512
+    decoder_num_hidden_layers: int = 8
+    decoder_num_attention_heads: int = 16
+    decoder_intermediate_size: int = 2048
+    norm_pix_loss: bool = True
 
     def __post_init__(self, **kwargs):
         # JSON turns tuples into lists; keep one spelling so that configs compare equal after a round trip.
@@ -123,6 +140,29 @@ class ViTCustomConfig(PreTrainedConfig):
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is unknown; choose one of {sorted(ACT2FN)}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"`pooling` must be one of {POOLINGS}, got {self.pooling!r}.")
+        # Masked image modeling: a buildable decoder, and a mask ratio that hides some patches and shows others.
+        decoder_fields = (
+            "decoder_hidden_size",
+            "decoder_num_hidden_layers",
+            "decoder_num_attention_heads",
+            "decoder_intermediate_size",
+        )
+        for name in decoder_fields:
+            value = getattr(self, name)
+            if isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
+            raise ValueError(
+                f"`decoder_hidden_size` ({self.decoder_hidden_size}) must be divisible by "
+                f"`decoder_num_attention_heads` ({self.decoder_num_attention_heads})."
+            )
+        if self.decoder_hidden_size % 4 != 0:
+            raise ValueError(
+                f"`decoder_hidden_size` ({self.decoder_hidden_size}) must be divisible by 4: the decoder's 2-D "
+                "sine-cosine position embeddings give a quarter of the channels each to sin and cos of row and column."
+            )
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"`mask_ratio` must lie strictly between 0 and 1, got {self.mask_ratio!r}.")
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "ViTCustomConfig":

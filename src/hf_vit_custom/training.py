@@ -253,11 +253,16 @@ def build_config(model_args: ModelArguments, uses_default_data: bool, **config_k
         )
     else:
         config = ViTCustomConfig.from_preset(model_args.config_name, **config_kwargs)
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
-        config.validate_vit_values()  # a plain `ValueError` naming the field, as at construction
-        config.validate()
+    apply_config_overrides(config, model_args.config_overrides)
     return config
+
+
+def apply_config_overrides(config: ViTCustomConfig, overrides: str | None) -> None:
+    """Apply `--config_overrides` ("field=value,...") and check the result as at construction."""
+    if overrides:
+        config.update_from_string(overrides)
+        config.validate_vit_values()  # a plain `ValueError` naming the field
+        config.validate()
 
 
 def build_model_and_processor(
@@ -281,13 +286,22 @@ def build_model_and_processor(
     if model_args.model_name_or_path:
         hub_kwargs = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs, **label_kwargs)
-        model = auto_class.from_pretrained(
+        apply_config_overrides(config, model_args.config_overrides)  # e.g. drop_path_rate for fine-tuning
+        model, loading_info = auto_class.from_pretrained(
             model_args.model_name_or_path,
             config=config,
-            ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=True,  # only the head may be replaced: checked below
             attn_implementation=model_args.attn_implementation,
+            output_loading_info=True,
             **hub_kwargs,
         )
+        reshaped = [key for key, *_ in loading_info["mismatched_keys"] if key.startswith(f"{model.base_model_prefix}.")]
+        if reshaped:
+            raise ValueError(
+                f"The config of {model_args.model_name_or_path!r} with `--config_overrides` "
+                f"{model_args.config_overrides!r} no longer fits {len(reshaped)} of its encoder weights (e.g. "
+                f"{reshaped[:3]}); override only fields that keep the shapes, such as dropout rates."
+            )
         processor_source = model_args.image_processor_name or model_args.model_name_or_path
         try:
             image_processor = AutoImageProcessor.from_pretrained(processor_source, **hub_kwargs)

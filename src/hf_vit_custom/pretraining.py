@@ -1,0 +1,138 @@
+"""Masked-image-modeling pre-training (MAE, He et al., 2021, arXiv 2111.06377) with `transformers.Trainer`.
+
+The data, the image processor, the augmentation and the checkpoint handling are the classifier's (`training.py`,
+`data.py`); only the model (`ViTCustomForMaskedImageModeling`) and the batches differ: the labels are loaded, because
+the shared pipeline validates them, but never reach the model. The saved folder fine-tunes with
+`scripts/train.py --model_name_or_path FOLDER`: the encoder is reused as it is and only the classifier head is new.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForMaskedImageModeling, EarlyStoppingCallback, set_seed
+
+from .data import collate_fn
+from .training import (
+    DataArguments,
+    EpochSeedCallback,
+    ModelArguments,
+    ViTTrainer,
+    ViTTrainingArguments,
+    prepare_data_and_model,
+    run_trainer,
+)
+
+logger = logging.getLogger(__name__)
+
+# The decoder next to `training.DIGITS_CONFIG`'s 64-wide, 4-layer encoder: narrower and shallower, as in the paper,
+# where a light decoder is enough because only the encoder is kept.
+DIGITS_DECODER_CONFIG = {
+    "decoder_hidden_size": 32,
+    "decoder_num_hidden_layers": 2,
+    "decoder_num_attention_heads": 4,
+    "decoder_intermediate_size": 64,
+}
+
+
+@dataclass
+class PretrainingArguments(ViTTrainingArguments):
+    """`ViTTrainingArguments` with MAE's optimiser settings and a schedule that pre-trains the digits model on a CPU."""
+
+    output_dir: str | None = field(default="outputs/vit-digits-mae", metadata={"help": "Where everything is written."})
+    num_train_epochs: float = field(default=100.0, metadata={"help": "Passes over the training set."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW's beta2 (0.95 in the MAE paper)."})
+    mask_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Share of the patches hidden from the encoder; defaults to the config's (0.75)."},
+    )
+    # Trainer computes an evaluation loss only for batches that hold its `label_names`; MAE's targets are the pixels.
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["pixel_values"], metadata={"help": "Inputs Trainer treats as the targets."}
+    )
+
+    def __post_init__(self):
+        # Early stopping watches the reconstruction loss: there is no accuracy to watch.
+        if self.early_stopping_patience is not None:
+            self.metric_for_best_model = self.metric_for_best_model or "loss"
+        super().__post_init__()
+
+
+def collate_pixel_values(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """`collate_fn` without the labels: pre-training learns from the pixels alone."""
+    return {"pixel_values": collate_fn(examples)["pixel_values"]}
+
+
+def pretraining_config_kwargs(
+    model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments
+) -> dict[str, Any]:
+    """Config fields pre-training sets: the digits decoder when the digits model is built from scratch, and
+    `--mask_ratio`. Everywhere else the decoder is the config's own (the paper's 512 wide, 8 layers by default).
+    """
+    config_kwargs = {}
+    uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
+    if uses_default_data and model_args.model_name_or_path is None and model_args.config_name is None:
+        config_kwargs |= DIGITS_DECODER_CONFIG
+    if training_args.mask_ratio is not None:
+        config_kwargs["mask_ratio"] = training_args.mask_ratio
+    return config_kwargs
+
+
+def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments) -> dict:
+    """Pre-train, evaluate the reconstruction loss on validation and test, save model and processor; return metrics.
+
+    The metrics hold `eval_loss` and `test_loss` (mean squared error on the masked patches, with fresh random masks)
+    and Trainer's `train_*` entries, `train_runtime` among them.
+    """
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    config_kwargs = pretraining_config_kwargs(model_args, data_args, training_args)
+    prepared = prepare_data_and_model(
+        model_args, data_args, training_args.seed, AutoModelForMaskedImageModeling, **config_kwargs
+    )
+    datasets = prepared.model_inputs(training_args.seed)
+    callbacks = [EpochSeedCallback()]
+    if training_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+    trainer = ViTTrainer(
+        model=prepared.model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"],
+        data_collator=collate_pixel_values,
+        processing_class=prepared.image_processor,
+        callbacks=callbacks,
+    )
+    train_result = run_trainer(trainer, training_args)
+    trainer.save_model()
+    trainer.save_state()
+    metrics = dict(train_result.metrics)
+    metrics.update(trainer.evaluate(metric_key_prefix="eval"))
+    if "test" in datasets:
+        metrics.update(trainer.evaluate(datasets["test"], metric_key_prefix="test"))
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics, combined=False)
+    return metrics
+
+
+def print_pretraining_results(metrics: dict, output_dir: str) -> None:
+    """Print the reconstruction losses and how to fine-tune the result, at the end of the pre-training script."""
+    print(
+        f"\nReconstruction loss: validation {metrics.get('eval_loss', float('nan')):.4f}, "
+        f"test {metrics.get('test_loss', float('nan')):.4f}  "
+        f"(pre-trained in {metrics.get('train_runtime', float('nan')):.0f} s, saved to {output_dir})"
+    )
+    print(f"Fine-tune with: python scripts/train.py --model_name_or_path {output_dir}")
+
+
+__all__ = [
+    "DIGITS_DECODER_CONFIG",
+    "PretrainingArguments",
+    "collate_pixel_values",
+    "pretrain",
+    "pretraining_config_kwargs",
+    "print_pretraining_results",
+]
