@@ -12,17 +12,17 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForMaskedImageModeling, EarlyStoppingCallback, set_seed
+from transformers import AutoModelForMaskedImageModeling, set_seed
 
 from .data import collate_fn
 from .training import (
     DataArguments,
-    EpochSeedCallback,
     ModelArguments,
     ViTTrainer,
     ViTTrainingArguments,
     prepare_data_and_model,
-    run_trainer,
+    train_save_and_evaluate,
+    trainer_callbacks,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,9 +94,6 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         model_args, data_args, training_args.seed, AutoModelForMaskedImageModeling, **config_kwargs
     )
     datasets = prepared.model_inputs(training_args.seed)
-    callbacks = [EpochSeedCallback()]
-    if training_args.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     trainer = ViTTrainer(
         model=prepared.model,
         args=training_args,
@@ -104,17 +101,9 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         eval_dataset=datasets["validation"],
         data_collator=collate_pixel_values,
         processing_class=prepared.image_processor,
-        callbacks=callbacks,
+        callbacks=trainer_callbacks(training_args),
     )
-    train_result = run_trainer(trainer, training_args)
-    trainer.save_model()
-    trainer.save_state()
-    metrics = dict(train_result.metrics)
-    metrics.update(trainer.evaluate(metric_key_prefix="eval"))
-    if "test" in datasets:
-        metrics.update(trainer.evaluate(datasets["test"], metric_key_prefix="test"))
-    trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics, combined=False)
+    metrics = train_save_and_evaluate(trainer, training_args, datasets.get("test"))
     return metrics
 
 

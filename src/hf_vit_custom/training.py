@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -452,28 +453,17 @@ def run_trainer(trainer: Trainer, training_args: TrainingArguments):
         raise TrainingInterrupted(interrupted_message(last_complete_checkpoint(output_dir), output_dir)) from None
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args: ViTTrainingArguments) -> dict:
-    """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
-    prepared = prepare_data_and_model(model_args, data_args, training_args.seed)
-    model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
-    raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
-    datasets = prepared.model_inputs(training_args.seed)
-
+def trainer_callbacks(training_args: ViTTrainingArguments) -> list[TrainerCallback]:
+    """The epoch-seeding callback, plus early stopping when `--early_stopping_patience` asks for it."""
     callbacks = [EpochSeedCallback()]
     if training_args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
-    trainer = ViTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
-        data_collator=collate_fn,
-        processing_class=image_processor,
-        compute_metrics=build_compute_metrics(model.config.num_labels),
-        callbacks=callbacks,
-    )
+    return callbacks
+
+
+def train_save_and_evaluate(trainer: Trainer, training_args: TrainingArguments, test_dataset=None) -> dict:
+    """Train (`run_trainer`), save model, processor and state, evaluate on validation (and `test_dataset`), and write
+    `all_results.json`; return the metrics."""
     train_result = run_trainer(trainer, training_args)
     logger.info(
         "Trained with world size %d, model wrapped in %s",
@@ -484,10 +474,54 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
     trainer.save_state()
     metrics = dict(train_result.metrics)
     metrics.update(trainer.evaluate(metric_key_prefix="eval"))
-    if "test" in datasets:
-        metrics.update(trainer.evaluate(datasets["test"], metric_key_prefix="test"))
+    if test_dataset is not None:
+        metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics, combined=False)
+    return metrics
+
+
+def run_script(dataclass_types: tuple[type, ...], run, report, args: list[str] | None = None) -> dict:
+    """The body of a Trainer script: parse the flags into `dataclass_types`, set up logging, `run(*parsed)`, and
+    `report(metrics, output_dir)` on the main process. Ctrl-C ends it with status 130 and a message, not a traceback.
+    """
+    *other_args, training_args = parse_arguments(dataclass_types, sys.argv[1:] if args is None else args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
+    logging.getLogger("hf_vit_custom").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    try:
+        metrics = run(*other_args, training_args)
+    except TrainingInterrupted as interruption:
+        print(interruption, file=sys.stderr)
+        raise SystemExit(130) from None
+    if training_args.process_index == 0:
+        report(metrics, training_args.output_dir)
+    if torch.distributed.is_initialized():
+        # Ending every rank together avoids the occasional hang or crash in gloo's teardown.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: ViTTrainingArguments) -> dict:
+    """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    prepared = prepare_data_and_model(model_args, data_args, training_args.seed)
+    model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
+    raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
+    datasets = prepared.model_inputs(training_args.seed)
+
+    trainer = ViTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"],
+        data_collator=collate_fn,
+        processing_class=image_processor,
+        compute_metrics=build_compute_metrics(model.config.num_labels),
+        callbacks=trainer_callbacks(training_args),
+    )
+    metrics = train_save_and_evaluate(trainer, training_args, datasets.get("test"))
 
     if trainer.is_world_process_zero():
         plot_training_curve(trainer.state.log_history, Path(training_args.output_dir) / "training_curve.png")
