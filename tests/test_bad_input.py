@@ -48,12 +48,14 @@ def transform(image: Image.Image) -> dict:
     return ImageClassificationTransform(default_image_processor(16, 3))({"image": [image], "label": [0]})
 
 
-def digits_like(splits: dict[str, int], **columns) -> datasets.DatasetDict:
-    """A small labelled image data set with `splits` sizes; `columns` replaces or adds columns."""
+def digits_like(splits: dict[str, int], labels: list[int] | None = None, **columns) -> datasets.DatasetDict:
+    """A small image data set with `splits` sizes and 3 classes; `columns` replaces or adds (untyped) columns."""
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
     result = {}
     for split, size in splits.items():
         data = {"image": [Image.new("L", (8, 8), 40 * i) for i in range(size)], "label": [i % 3 for i in range(size)]}
+        if labels is not None:
+            data["label"] = labels[:size]
         data.update({name: values[:size] for name, values in columns.items()})
         result[split] = datasets.Dataset.from_dict(data, features=features if not columns else None)
     return datasets.DatasetDict(result)
@@ -178,8 +180,14 @@ CASES = [
     ("no-image-column", lambda t: validate_dataset(digits_like({"train": 3}), "img"), ValueError, r"'img' not found"),
     ("no-label-column", lambda t: validate_dataset(digits_like({"train": 3}), "image", "y"), ValueError, r"'y' not"),
     (
-        "labels-outside-classes",
-        lambda t: validate_dataset(digits_like({"train": 3}, label=[0, 1, 5])),
+        "unlabelled-examples",  # `datasets` itself refuses labels >= num_classes, but takes -1
+        lambda t: validate_dataset(digits_like({"train": 3}, labels=[0, 1, -1])),
+        ValueError,
+        r"1 labels outside \[0, 3\), e.g. \[-1\] \(-1 marks an unlabelled example\)",
+    ),
+    (
+        "labels-not-class-labels",
+        lambda t: validate_dataset(digits_like({"train": 3}, label=["x", "y", "z"])),
         ValueError,
         r"must be a `datasets.ClassLabel`",
     ),
