@@ -239,7 +239,9 @@ class ViTTrainer(Trainer):
         The evaluation data loader draws a seed from it. A checkpoint saved at an epoch's last step comes before that
         epoch's evaluation, so a run resumed from it would otherwise draw different dropout masks from then on.
         """
-        with torch.random.fork_rng():
+        device = self.args.device
+        accelerators = [] if device.type == "cpu" else [device.index or 0]  # the CPU generator is always forked
+        with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else "cuda"):
             return super().evaluate(*args, **kwargs)
 
 
