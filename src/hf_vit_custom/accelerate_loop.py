@@ -282,7 +282,7 @@ def _train(
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_folder(output_dir, needed_bytes=0)  # writable; the room is checked once the model is known
     hub_repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import create_repo

@@ -21,6 +21,7 @@ from .training import (
     ViTTrainer,
     ViTTrainingArguments,
     prepare_data_and_model,
+    prepare_output_folder,
     train_save_and_evaluate,
     trainer_callbacks,
 )
@@ -94,6 +95,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         model_args, data_args, training_args.seed, AutoModelForMaskedImageModeling, **config_kwargs
     )
     datasets = prepared.model_inputs(training_args.seed)
+    prepare_output_folder(prepared.model, training_args)
     trainer = ViTTrainer(
         model=prepared.model,
         args=training_args,

@@ -435,17 +435,21 @@ def prepare_data_and_model(
     return PreparedData(splits, model, image_processor, train_transform, eval_transform)
 
 
+def prepare_output_folder(model: PreTrainedModel, training_args: TrainingArguments) -> None:
+    """Before `Trainer` is built (it creates the folder): check that the output folder can take the run's model and
+    checkpoints, and clear away the half-written checkpoint a killed run may have left."""
+    if training_args.should_save:
+        footprint = training_footprint(model.num_parameters(), training_args.save_total_limit)
+        check_output_folder(training_args.output_dir, footprint)
+        discard_incomplete_checkpoints(training_args.output_dir)
+
+
 def run_trainer(trainer: Trainer, training_args: TrainingArguments):
-    """`trainer.train()`, resuming from `--resume_from_checkpoint`, with what a killed run leaves behind handled.
+    """`trainer.train()`, resuming from `--resume_from_checkpoint` (`latest`: the newest complete checkpoint).
 
     Returns `trainer.train()`'s result; Ctrl-C becomes `TrainingInterrupted`, which names the checkpoint that survived.
     """
     output_dir = training_args.output_dir
-    if training_args.should_save:
-        # Found now rather than at the first checkpoint; a half-written checkpoint of a killed run is cleared away.
-        footprint = training_footprint(trainer.model.num_parameters(), training_args.save_total_limit)
-        check_output_folder(output_dir, footprint)
-        discard_incomplete_checkpoints(output_dir)
     resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     try:
         return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -512,6 +516,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
     model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
     raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
     datasets = prepared.model_inputs(training_args.seed)
+    prepare_output_folder(model, training_args)
 
     trainer = ViTTrainer(
         model=model,
