@@ -7,9 +7,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_bounded, small_run_args, tiny_config_kwargs
+from PIL import Image
 from transformers import AutoModelForImageClassification, AutoModelForMaskedImageModeling
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, ViTCustomForMaskedImageModeling
@@ -292,3 +294,35 @@ def test_train_script_fine_tunes_the_pretrained_encoder(pretrained, tmp_path):
     assert "Test accuracy:" in output
     classifier = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert classifier.config.num_labels == 10 and classifier.config.hidden_size == 32
+
+
+def test_pretraining_on_a_flat_folder_of_unlabeled_images(tmp_path):
+    """No class sub-folders needed: every image below `--train_dir` is read, at any depth."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "more").mkdir(parents=True)
+    for index in range(20):
+        folder = tmp_path / "images" / ("more" if index % 4 == 0 else "")
+        Image.fromarray(rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    args = [
+        *small_run_args(tmp_path / "out"),
+        "--train_dir",
+        str(tmp_path / "images"),
+        "--validation_size",
+        "0.25",
+        "--num_train_epochs",
+        "1",
+        "--config_overrides",
+        "image_size=16,patch_size=4,hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_size=64,"
+        "decoder_hidden_size=32,decoder_num_hidden_layers=1,decoder_num_attention_heads=4,decoder_intermediate_size=64",
+        "--config_name",
+        "vit-tiny-patch16-224",
+        "--disable_tqdm",
+        "true",
+    ]
+    metrics = pretrain(*parse(args))
+    assert 0 < metrics["eval_loss"] < 10 and metrics["train_runtime"] > 0
+    assert "test_loss" not in metrics  # an unlabeled folder has no test split
+    assert AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "out").config.num_channels == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"`train_dir` '.*empty' contains no images"):
+        pretrain(*parse([*args, "--train_dir", str(tmp_path / "empty")]))

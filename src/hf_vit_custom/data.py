@@ -38,6 +38,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".jfif", ".jpe"}
 )
 DIGITS_CLASS_NAMES = [str(digit) for digit in range(10)]
+UNLABELED_CLASS = "unlabeled"  # the one class of `load_unlabeled_image_folder`
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,6 +151,41 @@ def load_image_folder(
     return datasets.DatasetDict({split: dataset[split] for split in SPLITS if split in dataset})
 
 
+def load_unlabeled_image_folder(
+    train_dir: str | os.PathLike,
+    validation_dir: str | os.PathLike | None = None,
+    validation_size: float = 0.1,
+    seed: int = 42,
+) -> datasets.DatasetDict:
+    """Load every image below `train_dir` (any layout; sub-folder names are ignored) for self-supervised training.
+
+    The images get one placeholder class, `UNLABELED_CLASS`, so that the rest of the pipeline (validation, transforms,
+    `label_maps`) stays the classifier's; nothing trains on it. Without `validation_dir`, `validation_size` of the
+    images are held out.
+    """
+    _check_fraction("validation_size", validation_size)
+    dataset = datasets.DatasetDict({"train": _unlabeled_images(train_dir, "train_dir")})
+    if validation_dir is not None:
+        dataset["validation"] = _unlabeled_images(validation_dir, "validation_dir")
+    else:
+        dataset["train"], dataset["validation"] = _hold_out(dataset["train"], validation_size, seed, LABEL_COLUMN)
+    return dataset
+
+
+def _unlabeled_images(folder: str | os.PathLike, argument: str) -> datasets.Dataset:
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"`{argument}` {str(folder)!r} is not a folder.")
+    files = sorted(str(path) for path in root.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"`{argument}` {str(folder)!r} contains no images (extensions {sorted(IMAGE_EXTENSIONS)}).")
+    _check_image_files(files)
+    features = datasets.Features(
+        {IMAGE_COLUMN: datasets.Image(), LABEL_COLUMN: datasets.ClassLabel(names=[UNLABELED_CLASS])}
+    )
+    return datasets.Dataset.from_dict({IMAGE_COLUMN: files, LABEL_COLUMN: [0] * len(files)}, features=features)
+
+
 def load_hub_dataset(
     dataset_name: str,
     dataset_config_name: str | None = None,
@@ -233,8 +269,9 @@ def build_datasets(
     test_size: float = 0.2,
     seed: int = 42,
     cache_dir: str | os.PathLike | None = None,
+    labeled: bool = True,
 ) -> datasets.DatasetDict:
-    """Pick the data source from the arguments, load it and validate it: the one entry point of both scripts.
+    """Pick the data source from the arguments, load it and validate it: the one entry point of the scripts.
 
     `dataset_name` loads a Hub or local data set (`load_hub_dataset`), `train_dir` loads image folders
     (`load_image_folder`), neither loads the bundled digits (`load_digits_dataset`). Arguments that the chosen
@@ -252,6 +289,8 @@ def build_datasets(
         test_size: fraction of the digits held out for testing (digits only).
         seed: seed of every split made here.
         cache_dir: `datasets` cache folder.
+        labeled: `False` reads `train_dir` (and `validation_dir`) as unlabeled images in any layout
+            (`load_unlabeled_image_folder`), for self-supervised pre-training; `test_dir` is then not used.
 
     Returns:
         A validated `DatasetDict` with splits `train`, `validation` and, where available, `test`, and the columns
@@ -279,6 +318,10 @@ def build_datasets(
             seed=seed,
             cache_dir=cache_dir,
         )
+    elif train_dir is not None and not labeled:
+        if test_dir is not None:
+            raise ValueError("`test_dir` has no use without labels.")
+        dataset = load_unlabeled_image_folder(train_dir, validation_dir, validation_size=validation_size, seed=seed)
     elif train_dir is not None:
         dataset = load_image_folder(
             train_dir, validation_dir, test_dir, validation_size=validation_size, seed=seed, cache_dir=cache_dir
@@ -760,5 +803,6 @@ __all__ = [
     "load_digits_dataset",
     "load_hub_dataset",
     "load_image_folder",
+    "load_unlabeled_image_folder",
     "validate_dataset",
 ]

@@ -91,8 +91,9 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     config_kwargs = pretraining_config_kwargs(model_args, data_args, training_args)
+    # An image folder is read as unlabeled images, flat or in sub-folders; the digits keep their (unused) labels.
     prepared = prepare_data_and_model(
-        model_args, data_args, training_args.seed, AutoModelForMaskedImageModeling, **config_kwargs
+        model_args, data_args, training_args.seed, AutoModelForMaskedImageModeling, labeled=False, **config_kwargs
     )
     datasets = prepared.model_inputs(training_args.seed)
     prepare_output_folder(prepared.model, training_args)

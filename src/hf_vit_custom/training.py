@@ -390,10 +390,12 @@ def prepare_data_and_model(
     data_args: DataArguments,
     seed: int,
     auto_class: type = AutoModelForImageClassification,
+    labeled: bool = True,
     **config_kwargs,
 ) -> PreparedData:
     """Load and validate the data, build the model for its labels, and the transforms: shared by both training loops
-    and by pre-training (`auto_class` and `config_kwargs` as in `build_model_and_processor`).
+    and by pre-training (`auto_class` and `config_kwargs` as in `build_model_and_processor`; `labeled=False` reads an
+    image folder as unlabeled images, see `data.build_datasets`).
 
     The training transform draws its crops from torch's global generator (seeded by `set_seed`); each loop decides
     how that generator is kept reproducible across a resume.
@@ -408,6 +410,7 @@ def prepare_data_and_model(
         validation_size=data_args.validation_size,
         seed=seed,
         cache_dir=model_args.cache_dir,
+        labeled=labeled,
     )
     uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
     id2label, _ = label_maps(splits["train"])
