@@ -241,7 +241,7 @@ class ViTTrainer(Trainer):
         """
         device = self.args.device
         accelerators = [] if device.type == "cpu" else [device.index or 0]  # the CPU generator is always forked
-        with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else "cuda"):
+        with torch.random.fork_rng(devices=accelerators, device_type=device.type):
             return super().evaluate(*args, **kwargs)
 
 
