@@ -44,6 +44,12 @@ def images(*shape: int, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype)
 
 
+def one_pixel(value: float) -> torch.Tensor:
+    pixels = images(2, 3, 16, 16)
+    pixels[1, 2, 7, 9] = value
+    return pixels
+
+
 def transform(image: Image.Image) -> dict:
     return ImageClassificationTransform(default_image_processor(16, 3))({"image": [image], "label": [0]})
 
@@ -148,6 +154,8 @@ CASES = [
     ),
     ("uint8-pixels", lambda t: model()(images(1, 3, 16, 16, dtype=torch.uint8)), ValueError, r"floating-point"),
     ("nan-pixels", lambda t: model()(images(1, 3, 16, 16) * float("nan")), ValueError, r"NaN or infinite"),
+    ("one-infinite-pixel", lambda t: model()(one_pixel(float("-inf"))), ValueError, r"NaN or infinite"),
+    ("one-nan-pixel", lambda t: model()(one_pixel(float("nan"))), ValueError, r"NaN or infinite"),
     ("no-pixels", lambda t: model()(), ValueError, r"`pixel_values` is required"),
     (
         "label-outside-head",
@@ -294,6 +302,13 @@ CASES = [
 def test_a_mistake_ends_in_one_clear_error(tmp_path, make_mistake, error, message):
     with pytest.raises(error, match=message):
         make_mistake(tmp_path)
+
+
+def test_finite_pixels_whose_sum_overflows_are_not_mistaken_for_infinite_ones():
+    pixels = torch.full((2, 3, 16, 16), 3e38)
+    assert torch.isinf(pixels.sum())
+    with torch.no_grad():
+        assert model()(pixels).logits.shape == (2, 5)
 
 
 def test_the_table_covers_every_kind_of_mistake():

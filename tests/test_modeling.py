@@ -19,6 +19,7 @@ from transformers import (
     pipeline,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, ViTCustomModel
 from hf_vit_custom.modeling_vit_custom import ViTCustomDropPath
@@ -135,6 +136,8 @@ def test_backends_match_eager(backend, output_attentions):
 
 def test_sdpa_gradients_match_eager():
     eager, sdpa = build(attn_implementation="eager"), build(attn_implementation="sdpa")
+    for layer in sdpa.vit.layers:  # the kernel SDPA trains with off the CPU (on the CPU it takes the eager maths)
+        layer.attention.attention_function = lambda query, output_attentions: ALL_ATTENTION_FUNCTIONS["sdpa"]
     labels = torch.tensor([0, 2])
     eager(images(), labels=labels).loss.backward()
     sdpa(images(), labels=labels).loss.backward()
@@ -188,7 +191,9 @@ def test_mlp_has_no_activation_after_its_second_linear_layer():
     mlp = build(ViTCustomModel).layers[0].mlp
     tokens = torch.randn(2, 5, 32)
     linear = torch.nn.functional.linear
-    expected = linear(torch.nn.functional.gelu(linear(tokens, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+    expected = linear(
+        torch.nn.functional.gelu(linear(tokens, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias
+    )
     torch.testing.assert_close(mlp(tokens), expected)
     assert (mlp(tokens) < 0).any()
 

@@ -145,8 +145,9 @@ ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh
 class PackedWeight:
     """A weight (and bias) reordered once into oneDNN's blocked layout, rebuilt whenever the weight changes.
 
-    Keyed on the weight's storage, version counter (bumped by every in-place update: optimiser steps,
-    `load_state_dict`) and the compute dtype. Never copied or pickled: a copy of the model packs its own weights.
+    Keyed on the storage and version counter of the weight and the bias (the counter goes up with every in-place
+    update: optimiser steps, `load_state_dict`) and on the compute dtype. Never copied or pickled: a copy of the
+    model packs its own weights.
     """
 
     def __init__(self):
@@ -162,7 +163,7 @@ class PackedWeight:
         self.__init__()
 
     def get(self, linear: nn.Linear, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = (linear.weight.data_ptr(), linear.weight._version, dtype)
+        key = (dtype, *((p.data_ptr(), p._version) for p in linear.parameters()))
         if key != self.key:
             weight = linear.weight.detach().to(dtype)
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
@@ -183,7 +184,7 @@ class ViTCustomLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None):
         super().__init__(in_features, out_features, bias=bias)
         self.activation_name = activation
-        self.activation = ACT2FN[activation] if activation is not None else nn.Identity()
+        self.activation = ACT2FN[activation] if activation is not None else None
         self.packed = PackedWeight()
 
     def fused_dtype(self, hidden_states: torch.Tensor) -> torch.dtype | None:
@@ -196,7 +197,7 @@ class ViTCustomLinear(nn.Linear):
             or not torch.backends.mkldnn.enabled
         ):
             return None
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, *self.parameters())):
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden_states.dtype
         if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
@@ -205,14 +206,16 @@ class ViTCustomLinear(nn.Linear):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = self.fused_dtype(hidden_states)
+        activation = self.activation
         if dtype is None:
-            return self.activation(super().forward(hidden_states))
-        weight, bias = self.packed.get(self, dtype, rows=hidden_states.numel() // hidden_states.shape[-1])
-        post_op, algorithm = ONEDNN_POST_OPS.get(self.activation_name, ("none", ""))
-        output = torch.ops.mkldnn._linear_pointwise(hidden_states.to(dtype), weight, bias, post_op, [], algorithm)
-        if self.activation_name is not None and self.activation_name not in ONEDNN_POST_OPS:
-            output = self.activation(output)
-        return output
+            output = super().forward(hidden_states)
+        else:
+            weight, bias = self.packed.get(self, dtype, rows=hidden_states.numel() // hidden_states.shape[-1])
+            post_op, algorithm = ONEDNN_POST_OPS.get(self.activation_name, ("none", ""))
+            output = torch.ops.mkldnn._linear_pointwise(hidden_states.to(dtype), weight, bias, post_op, [], algorithm)
+            if self.activation_name in ONEDNN_POST_OPS:
+                activation = None  # applied by the kernel
+        return output if activation is None else activation(output)
 
     def extra_repr(self) -> str:
         activation = f", activation={self.activation_name}" if self.activation_name is not None else ""
@@ -242,17 +245,12 @@ class ViTCustomSelfAttention(nn.Module):
         """The configured backend from transformers' registry, or the eager path where it is needed or faster.
 
         Only the eager path returns attention weights. On the CPU, PyTorch's flash-attention backward is slower than
-        the eager path's batched matmuls (ViT-S/16, batch 8, 2 threads, one step's 12 layers: ~190 ms against ~70 ms
-        in bf16), so SDPA hands steps that record gradients to the eager path and keeps the flash kernel, the faster
-        forward, for inference.
+        the eager path's batched matmuls (ViT-S/16, batch 8, 2 threads: bf16 training steps 1.27x faster with the
+        matmuls, fp32 steps alike), so SDPA hands steps that record gradients to the eager path and keeps the flash
+        kernel, the faster forward, for inference.
         """
         implementation = self.config._attn_implementation
-        cpu_training = (
-            implementation == "sdpa"
-            and query.device.type == "cpu"
-            and query.requires_grad
-            and query.dtype != torch.float32
-        )
+        cpu_training = implementation == "sdpa" and query.device.type == "cpu" and query.requires_grad
         if output_attentions or cpu_training:
             return eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -468,7 +466,13 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
             )
         _, num_channels, height, width = pixel_values.shape
         # A NaN pixel would turn every output into NaN without a word; skipped under `torch.compile` (a host sync).
-        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+        # One sum finds any NaN or infinity (at a fifteenth of the cost of an element-wise check); the element-wise
+        # check then tells a real one from a sum that merely overflowed.
+        if (
+            not torch.compiler.is_compiling()
+            and not torch.isfinite(pixel_values.sum())
+            and not torch.isfinite(pixel_values).all()
+        ):
             raise ValueError("`pixel_values` contains NaN or infinite values; check the images and their decoding.")
         if num_channels != self.config.num_channels:
             raise ValueError(
@@ -510,6 +514,11 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
 
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)  # (batch, patches + 1, hidden)
+        if hidden_states.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled():
+            # CPU inference under autocast carries the residual stream in the autocast dtype, as a bf16 model would:
+            # layer norms, residual sums and linear inputs then skip their casts (ViT-S/16: ~1.15x faster), at the
+            # price of bf16 rounding in the sums. Training keeps fp32 sums.
+            hidden_states = hidden_states.to(torch.get_autocast_dtype("cpu"))
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)
         sequence_output = self.layernorm(hidden_states)
