@@ -187,6 +187,14 @@ def test_architecture_follows_the_paper():
     torch.testing.assert_close(layer(tokens), tokens)
 
 
+@pytest.mark.parametrize("size", [(16, 16), (19, 22)])
+def test_patch_embedding_is_the_strided_convolution(size):
+    patches = build(ViTCustomModel).embeddings.patch_embeddings
+    pixels = torch.randn(2, 3, *size)
+    expected = patches.projection(pixels).flatten(2).transpose(1, 2)  # leftover rows and columns dropped
+    torch.testing.assert_close(patches(pixels), expected, atol=FP32_TOLERANCE, rtol=0)
+
+
 def test_mlp_has_no_activation_after_its_second_linear_layer():
     mlp = build(ViTCustomModel).layers[0].mlp
     tokens = torch.randn(2, 5, 32)

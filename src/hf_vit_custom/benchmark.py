@@ -152,7 +152,8 @@ class Runner:
         torch.manual_seed(0)
         model = contender.build().to(self.device)
         self.model = torch.compile(model) if compile_model else model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # Fused AdamW, the optimiser Trainer uses by default (`optim="adamw_torch_fused"`).
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         self.batch, self.labels = batch, labels
         self.autocast = autocast_dtype
 
