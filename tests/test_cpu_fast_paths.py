@@ -1,8 +1,5 @@
 """The CPU fast paths: oneDNN fused linears for inference, matmul attention for training, bf16 residual sums."""
 
-import copy
-import pickle
-
 import pytest
 import torch
 from conftest import tiny_config_kwargs
@@ -11,7 +8,6 @@ from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
 from hf_vit_custom import modeling_vit_custom as modeling
 from hf_vit_custom.modeling_vit_custom import ViTCustomLinear, eager_attention_forward
 
-needs_onednn = pytest.mark.skipif(not modeling.ONEDNN_LINEAR_AVAILABLE, reason="torch built without oneDNN")
 needs_onednn_bf16 = pytest.mark.skipif(
     not modeling.ONEDNN_LINEAR_AVAILABLE or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
     reason="no oneDNN bf16 on this CPU",
@@ -35,109 +31,61 @@ def reference_linear(linear: ViTCustomLinear, inputs: torch.Tensor) -> torch.Ten
     return output if linear.activation is None else linear.activation(output)
 
 
-def count_packings(monkeypatch) -> list:
-    packings = []
-    reorder = torch.ops.mkldnn._reorder_linear_weight
-
-    def counting_reorder(weight, rows):
-        packings.append(tuple(weight.shape))
-        return reorder(weight, rows)
-
-    monkeypatch.setattr(modeling.torch.ops.mkldnn, "_reorder_linear_weight", counting_reorder)
-    return packings
-
-
-@needs_onednn
+@needs_onednn_bf16
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_pytorch_tanh", "relu", "silu"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
-def test_fused_linear_computes_linear_then_activation(activation, bias, shape):
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 64)])
+def test_fused_linear_under_autocast_computes_linear_then_activation_in_bf16(activation, bias, shape):
     torch.manual_seed(0)
-    linear = ViTCustomLinear(24, 40, bias=bias, activation=activation).eval()
+    linear = ViTCustomLinear(64, 96, bias=bias, activation=activation).eval()
     inputs = torch.randn(shape)
-    with torch.no_grad():
-        assert linear.fused_dtype(inputs) == torch.float32
-        torch.testing.assert_close(linear(inputs), reference_linear(linear, inputs), atol=1e-5, rtol=1e-5)
-
-
-@needs_onednn_bf16
-@pytest.mark.parametrize("activation", [None, "gelu"])
-def test_fused_linear_under_autocast_computes_in_bf16(activation):
-    torch.manual_seed(0)
-    linear = ViTCustomLinear(64, 96, activation=activation).eval()
-    inputs = torch.randn(4, 9, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear.fused_dtype(inputs) == torch.bfloat16
         fused = linear(inputs)
-    expected = reference_linear(linear, inputs)
-    assert fused.dtype == torch.bfloat16
-    torch.testing.assert_close(
-        fused.float(), expected, rtol=0, atol=BF16_RELATIVE_TOLERANCE * expected.abs().max().item()
-    )
+        expected = reference_linear(linear, inputs)  # autocast's own bf16 linear, then the activation
+    assert fused.dtype == expected.dtype == torch.bfloat16
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(fused.float(), expected.float(), rtol=0, atol=BF16_RELATIVE_TOLERANCE * scale)
 
 
-@needs_onednn
-def test_the_fused_path_is_only_taken_in_eval_mode_without_gradients():
+@needs_onednn_bf16
+def test_the_fused_path_is_only_taken_for_bf16_inference():
     linear = ViTCustomLinear(8, 8)
     inputs = torch.randn(2, 8)
-    assert linear.fused_dtype(inputs) is None  # training mode
-    linear.eval()
-    assert linear.fused_dtype(inputs) is None  # the weight requires a gradient
-    assert linear.fused_dtype(inputs.to(torch.float16)) is None  # no fp16 oneDNN path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear.fused_dtype(inputs) is None  # training mode
+        linear.eval()
+        assert linear.fused_dtype(inputs) is None  # the weight requires a gradient
+        with torch.no_grad():
+            assert linear.fused_dtype(inputs) == torch.bfloat16
+        linear.requires_grad_(False)
+        assert linear.fused_dtype(inputs) == torch.bfloat16  # a frozen layer records nothing either
+        assert linear.fused_dtype(inputs.clone().requires_grad_()) is None
     with torch.no_grad():
-        assert linear.fused_dtype(inputs) == torch.float32
-    linear.requires_grad_(False)
-    assert linear.fused_dtype(inputs) == torch.float32  # a frozen layer records nothing either
-    assert linear.fused_dtype(inputs.requires_grad_()) is None
+        assert linear.fused_dtype(inputs) is None  # fp32: MKL's matmul
+        assert linear.fused_dtype(inputs.to(torch.bfloat16)) == torch.bfloat16  # a bf16 model
+        assert linear.fused_dtype(inputs.to(torch.float16)) is None  # no fp16 oneDNN path
 
 
-@needs_onednn
-def test_the_packed_weight_follows_every_change_of_the_weights(monkeypatch):
-    packings = count_packings(monkeypatch)
+@needs_onednn_bf16
+def test_an_optimiser_step_that_leaves_version_counters_alone_shows_in_the_next_evaluation(monkeypatch):
+    """Fused AdamW (Trainer's default) updates weights without bumping their version counters (torch 2.13), so a
+    packed-weight cache keyed on them would serve the old weights here."""
     model = build()
     pixels = images()
-    with torch.no_grad():
-        first = model(pixels).logits
-        assert model(pixels).logits.equal(first)
-    layers_packed = len(packings)
-    assert layers_packed == 4 * model.config.num_hidden_layers  # qkv, proj, fc1, fc2: packed once, then reused
 
-    # An optimiser step on the weights (in training mode, with gradients: the plain path) ...
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(pixels, labels=torch.tensor([0, 1])).loss.backward()
+    def evaluate(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(modeling, "ONEDNN_LINEAR_AVAILABLE", fused)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.eval()(pixels).logits.float()
+
+    before = evaluate(fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model.train()(pixels, labels=torch.tensor([0, 1])).loss.backward()
     optimizer.step()
-    assert len(packings) == layers_packed
-    # ... shows in the next evaluation, which packs again and agrees with the plain path.
-    model.eval()
-    with torch.no_grad():
-        stepped = model(pixels).logits
-        monkeypatch.setattr(modeling, "ONEDNN_LINEAR_AVAILABLE", False)
-        plain = model(pixels).logits
-        monkeypatch.setattr(modeling, "ONEDNN_LINEAR_AVAILABLE", True)
-    assert len(packings) == 2 * layers_packed
-    assert not stepped.equal(first)
-    torch.testing.assert_close(stepped, plain, atol=1e-5, rtol=1e-5)
-
-    # Loading other weights, or changing only a bias, is seen too.
-    other = build(seed=1)
-    model.load_state_dict(other.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(model(pixels).logits, other(pixels).logits, atol=1e-5, rtol=1e-5)
-        model.vit.layers[0].mlp.fc2.bias.add_(1.0)
-        other.vit.layers[0].mlp.fc2.bias.add_(1.0)
-        torch.testing.assert_close(model(pixels).logits, other(pixels).logits, atol=1e-5, rtol=1e-5)
-
-
-@needs_onednn
-def test_a_model_that_has_packed_weights_can_be_copied_and_pickled():
-    model = build()
-    with torch.no_grad():
-        expected = model(images()).logits
-    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert clone.vit.layers[0].attention.qkv.packed.weight is None  # packs its own
-        with torch.no_grad():
-            assert clone(images()).logits.equal(expected)
+    after, plain = evaluate(fused=True), evaluate(fused=False)
+    assert (after - before).abs().max() > 0.1
+    torch.testing.assert_close(after, plain, rtol=0, atol=BF16_RELATIVE_TOLERANCE * plain.abs().max().item())
 
 
 def test_sdpa_records_gradients_through_the_matmul_attention_on_the_cpu(monkeypatch):

@@ -150,54 +150,26 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-# `config.hidden_act` -> oneDNN post-op (name, algorithm) that `ViTCustomLinear` fuses into the matmul on the CPU.
+# `config.hidden_act` -> the oneDNN post-op (name, algorithm) that `ViTCustomLinear` fuses into its matmul.
 ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
-class PackedWeight:
-    """A weight (and bias) reordered once into oneDNN's blocked layout, rebuilt whenever the weight changes.
-
-    Keyed on the storage and version counter of the weight and the bias (the counter goes up with every in-place
-    update: optimiser steps, `load_state_dict`) and on the compute dtype. Never copied or pickled: a copy of the
-    model packs its own weights.
-    """
-
-    def __init__(self):
-        self.key, self.weight, self.bias = None, None, None
-
-    def __deepcopy__(self, memo) -> PackedWeight:
-        return PackedWeight()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def get(self, linear: nn.Linear, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = (dtype, *((p.data_ptr(), p._version) for p in linear.parameters()))
-        if key != self.key:
-            weight = linear.weight.detach().to(dtype)
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-            self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-            self.key = key
-        return self.weight, self.bias
-
-
 class ViTCustomLinear(nn.Linear):
-    """`nn.Linear`, optionally followed by an activation, with a fused path for CPU inference.
+    """`nn.Linear`, optionally followed by an activation, with a fused path for bf16 inference on the CPU.
 
-    In eval mode on the CPU, when no gradient is recorded, the product runs through oneDNN (the kernel `torch.compile`
-    emits on the CPU) with the weight packed once into the kernel's layout and cast to the autocast dtype, and with the
-    bias and the activation applied inside the matmul instead of as passes of their own. Everywhere else (training,
+    In eval mode on the CPU under bf16 autocast (or with bf16 inputs), when no gradient is recorded, the product runs
+    through oneDNN (the kernel `torch.compile` emits on the CPU) with the bias and the activation applied inside the
+    matmul instead of as passes of their own. Everywhere else (fp32, where MKL's own matmul is as fast, training,
     GPUs, `torch.compile`, which fuses by itself) it is `nn.Linear` then the activation.
+
+    The weight is cast on every call rather than kept packed between calls: fused optimisers and `.data` edits change
+    weights without bumping their version counters, so no cache could tell when a packed copy went stale.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None):
         super().__init__(in_features, out_features, bias=bias)
         self.activation_name = activation
         self.activation = ACT2FN[activation] if activation is not None else None
-        self.packed = PackedWeight()
 
     def fused_dtype(self, hidden_states: torch.Tensor) -> torch.dtype | None:
         """The dtype the fused CPU path computes in, or None where it does not apply."""
@@ -212,7 +184,7 @@ class ViTCustomLinear(nn.Linear):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, *self.parameters())):
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden_states.dtype
-        if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return dtype
         return None
 
@@ -222,9 +194,11 @@ class ViTCustomLinear(nn.Linear):
         if dtype is None:
             output = super().forward(hidden_states)
         else:
-            weight, bias = self.packed.get(self, dtype, rows=hidden_states.numel() // hidden_states.shape[-1])
+            bias = None if self.bias is None else self.bias.to(dtype)
             post_op, algorithm = ONEDNN_POST_OPS.get(self.activation_name, ("none", ""))
-            output = torch.ops.mkldnn._linear_pointwise(hidden_states.to(dtype), weight, bias, post_op, [], algorithm)
+            output = torch.ops.mkldnn._linear_pointwise(
+                hidden_states.to(dtype), self.weight.to(dtype), bias, post_op, [], algorithm
+            )
             if self.activation_name in ONEDNN_POST_OPS:
                 activation = None  # applied by the kernel
         return output if activation is None else activation(output)
