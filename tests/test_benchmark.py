@@ -33,9 +33,20 @@ def test_run_benchmark_measures_every_contender_and_compares_to_transformers():
         assert row["inference_images_per_s"] > 0 and row["training_images_per_s"] > 0
         assert 0 < row["inference_flops_share"] < 10  # a share of the measured ceiling, not an absolute number
     assert report["matmul_flops_per_second"] > 1e8
+    rows = {row["name"]: row for row in report["results"]}
+    assert rows["transformers-sdpa"]["inference_speedup"] == rows["transformers-sdpa"]["training_speedup"] == 1.0
+    assert all(row["inference_speedup"] > 0 and row["training_speedup"] > 0 for row in rows.values())
     table = markdown_table(report)
     assert "| transformers-sdpa |" in table and "| 1.00x | 1.00x |" in table
     assert table.count("\n| hf_vit_custom-") == 2
+
+
+def test_without_the_reference_there_are_no_speedups():
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    contenders = build_contenders(config, ["sdpa"], include_transformers=False, include_timm=False)
+    report = run_benchmark(config, contenders, batch_size=2, rounds=1, iterations=1, warmup=0)
+    assert report["results"][0]["inference_speedup"] is None
+    assert markdown_table(report).endswith("| - | - | - |")
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

@@ -13,7 +13,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,10 @@ class Measurement:
     training_flops_share: float
     # CUDA: torch.cuda.max_memory_allocated; CPU: growth of the resident set during one step (`--cpu_memory`)
     peak_training_memory_mb: float | None
-    extra: dict = field(default_factory=dict)
+    # Median over rounds of the reference's time over this contender's in the same round (None without a reference):
+    # paired within a round, the ratio stays steady while a shared machine's speed drifts between rounds.
+    inference_speedup: float | None = None
+    training_speedup: float | None = None
 
 
 def vit_forward_flops(config: ViTCustomConfig, num_classes: int) -> float:
@@ -241,8 +244,11 @@ def run_benchmark(
     warmup: int = 2,
     compile_model: bool = False,
     cpu_memory_options: dict | None = None,
+    reference: str = "transformers-sdpa",
 ) -> dict:
     """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment.
+
+    Speed-ups are against `reference`, when it is among the contenders.
 
     `cpu_memory_options` (the `build_contenders` arguments that rebuild `contenders` in a fresh process) also
     measures each contender's training-step memory on the CPU; CUDA peaks are always measured.
@@ -277,6 +283,12 @@ def run_benchmark(
         )
     ceiling = matmul_flops_per_second(device, autocast_dtype or torch.float32)
     forward_flops = vit_forward_flops(config, config.num_labels)
+
+    def speedup(times: dict[str, list[float]], name: str) -> float | None:
+        if reference not in times:
+            return None
+        return statistics.median(ours / theirs for ours, theirs in zip(times[reference], times[name], strict=True))
+
     measurements = []
     for runner in runners:
         name = runner.contender.name
@@ -290,6 +302,8 @@ def run_benchmark(
                 inference_flops_share=inference_rate * forward_flops / ceiling,
                 training_flops_share=training_rate * 3 * forward_flops / ceiling,  # backward ~ 2x forward
                 peak_training_memory_mb=peak_memory.get(name),
+                inference_speedup=speedup(inference_times, name),
+                training_speedup=speedup(training_times, name),
             )
         )
     return {
@@ -300,16 +314,16 @@ def run_benchmark(
         "batch_size": batch_size,
         "rounds": rounds,
         "compiled": compile_model,
+        "reference": reference,
         "matmul_flops_per_second": ceiling,
         "forward_flops_per_image": forward_flops,
         "results": [asdict(measurement) for measurement in measurements],
     }
 
 
-def markdown_table(report: dict, reference: str = "transformers-sdpa") -> str:
-    """The report as a markdown table, with each contender's speed relative to `reference` when it ran."""
-    results = {row["name"]: row for row in report["results"]}
-    base = results.get(reference)
+def markdown_table(report: dict) -> str:
+    """The report as a markdown table, with each contender's paired speed-up over the reference when it ran."""
+    reference = report["reference"]
     lines = [
         f"{report['device_name']}, {report['dtype']}, batch {report['batch_size']}, {report['threads']} threads, "
         f"median of {report['rounds']} interleaved rounds; large-matmul ceiling "
@@ -321,8 +335,7 @@ def markdown_table(report: dict, reference: str = "transformers-sdpa") -> str:
     ]
     for row in report["results"]:
         relative = [
-            f"{row[key] / base[key]:.2f}x" if base else "-"
-            for key in ("inference_images_per_s", "training_images_per_s")
+            f"{row[key]:.2f}x" if row[key] is not None else "-" for key in ("inference_speedup", "training_speedup")
         ]
         memory = f"{row['peak_training_memory_mb']:.0f}" if row["peak_training_memory_mb"] is not None else "-"
         lines.append(
