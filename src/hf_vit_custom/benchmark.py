@@ -239,8 +239,8 @@ def run_benchmark(
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str = "fp32",
-    rounds: int = 5,
-    iterations: int = 2,
+    rounds: int = 9,
+    iterations: int = 1,
     warmup: int = 2,
     compile_model: bool = False,
     cpu_memory_options: dict | None = None,
@@ -268,11 +268,17 @@ def run_benchmark(
     inference_times = {runner.contender.name: [] for runner in runners}
     training_times = {runner.contender.name: [] for runner in runners}
     peak_memory = {}
-    for _ in range(rounds):
-        for runner in runners:  # interleaved: a burst of load on the machine hits every contender alike
+    for round_index in range(rounds):
+        # Interleaved, so that a burst of load on the machine hits every contender alike, and rotated, so that none
+        # always runs first. Each turn starts with an untimed call: the first call after another model pays for the
+        # memory that model left behind, a cost a real loop, running one model step after step, does not have.
+        shift = round_index % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            runner.infer()
             inference_times[runner.contender.name].append(time_call(runner.infer, device, iterations))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            runner.train_step()
             training_times[runner.contender.name].append(time_call(runner.train_step, device, iterations))
             if device.type == "cuda":
                 peak_memory[runner.contender.name] = torch.cuda.max_memory_allocated(device) / 2**20
