@@ -19,7 +19,6 @@ from transformers import (
     pipeline,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, ViTCustomModel
 from hf_vit_custom.modeling_vit_custom import ViTCustomDropPath
@@ -136,8 +135,7 @@ def test_backends_match_eager(backend, output_attentions):
 
 def test_sdpa_gradients_match_eager():
     eager, sdpa = build(attn_implementation="eager"), build(attn_implementation="sdpa")
-    for layer in sdpa.vit.layers:  # the kernel SDPA trains with off the CPU (on the CPU it takes the eager maths)
-        layer.attention.attention_function = lambda query, output_attentions: ALL_ATTENTION_FUNCTIONS["sdpa"]
+    # Eval mode: SDPA's own kernel (on the CPU, training mode takes the eager maths)
     labels = torch.tensor([0, 2])
     eager(images(), labels=labels).loss.backward()
     sdpa(images(), labels=labels).loss.backward()

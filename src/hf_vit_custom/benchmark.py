@@ -293,7 +293,8 @@ def run_benchmark(
     def speedup(times: dict[str, list[float]], name: str) -> float | None:
         if reference not in times:
             return None
-        return statistics.median(ours / theirs for ours, theirs in zip(times[reference], times[name], strict=True))
+        pairs = zip(times[reference], times[name], strict=True)
+        return statistics.median(reference_time / contender_time for reference_time, contender_time in pairs)
 
     measurements = []
     for runner in runners:

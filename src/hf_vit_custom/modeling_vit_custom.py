@@ -50,12 +50,16 @@ AUTO_MAP = {
 WEIGHT_FILE_PATTERN = re.compile(
     r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?"
 )
-ONEDNN_LINEAR_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's fused linear (a private op that inductor uses) and a CPU that computes bf16 natively.
+ONEDNN_BF16_LINEAR = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
 
 
 class ViTCustomPatchEmbeddings(nn.Module):
-    """Cuts the image into patches and projects each to `hidden_size` (the paper's E, stored as a strided convolution's
-    weight, as in the reference checkpoints)."""
+    """Cuts the image into patches and projects each to `hidden_size` (the paper's E, a strided convolution)."""
 
     def __init__(self, config: ViTCustomConfig):
         super().__init__()
@@ -65,9 +69,13 @@ class ViTCustomPatchEmbeddings(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The strided convolution's maths as one matmul over the flattened patches (rows in the weight's
-        (channel, row, column) order): its backward on the CPU costs a third of the convolution's (ViT-S/16, bf16).
+        """(batch, channels, height, width) -> (batch, patches, hidden).
+
+        On the CPU the strided convolution's maths runs as one matmul over the flattened patches (rows in the
+        weight's (channel, row, column) order), whose backward costs a third of the convolution's there.
         """
+        if pixel_values.device.type != "cpu" or not is_stock_cpu_module(self.projection, nn.Conv2d):
+            return self.projection(pixel_values).flatten(2).transpose(1, 2)
         batch_size, num_channels, height, width = pixel_values.shape
         patch_height, patch_width = self.patch_size
         grid_height, grid_width = height // patch_height, width // patch_width
@@ -77,7 +85,7 @@ class ViTCustomPatchEmbeddings(nn.Module):
         )
         patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, grid_height * grid_width, -1)
         weight = self.projection.weight.reshape(self.projection.out_channels, -1)
-        return nn.functional.linear(patches, weight, self.projection.bias)  # (batch, patches, hidden)
+        return nn.functional.linear(patches, weight, self.projection.bias)
 
 
 class ViTCustomEmbeddings(nn.Module):
@@ -144,68 +152,59 @@ def eager_attention_forward(
     attn_weights = torch.matmul(query * scaling, key.transpose(-2, -1))  # (batch, heads, tokens, tokens)
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=query.dtype)  # also under CUDA autocast
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2)  # (batch, tokens, heads, head_dim)
     return attn_output, attn_weights
 
 
-# `config.hidden_act` -> the oneDNN post-op (name, algorithm) that `ViTCustomLinear` fuses into its matmul.
+# `config.hidden_act` -> the oneDNN post-op (name, algorithm) that `linear_forward` fuses into its matmul.
 ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
-class ViTCustomLinear(nn.Linear):
-    """`nn.Linear`, optionally followed by an activation, with a fused path for bf16 inference on the CPU.
+def is_stock_cpu_module(module: nn.Module, module_type: type[nn.Module]) -> bool:
+    """A plain `module_type` holding a plain CPU weight that nothing wraps (no subclass, as PEFT and quantisers
+    install; no hooks or patched `forward`, as accelerate's offloading installs), so its maths may run without
+    calling it."""
+    return (
+        type(module) is module_type
+        and type(module.weight.data) is torch.Tensor
+        and module.weight.device.type == "cpu"
+        and "forward" not in vars(module)
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
 
-    In eval mode on the CPU under bf16 autocast (or with bf16 inputs), when no gradient is recorded, the product runs
-    through oneDNN (the kernel `torch.compile` emits on the CPU) with the bias and the activation applied inside the
-    matmul instead of as passes of their own. Everywhere else (fp32, where MKL's own matmul is as fast, training,
-    GPUs, `torch.compile`, which fuses by itself) it is `nn.Linear` then the activation.
 
-    The weight is cast on every call rather than kept packed between calls: fused optimisers and `.data` edits change
+def fused_linear_applies(linear: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """bf16 inference on the CPU (autocast or bf16 inputs), recording no gradient, outside `torch.compile`."""
+    if linear.training or not ONEDNN_BF16_LINEAR or hidden_states.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling() or not torch.backends.mkldnn.enabled or not is_stock_cpu_module(linear, nn.Linear):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, *linear.parameters())):
+        return False
+    autocast = torch.is_autocast_enabled("cpu")
+    return (torch.get_autocast_dtype("cpu") if autocast else hidden_states.dtype) == torch.bfloat16
+
+
+def linear_forward(
+    linear: nn.Module, hidden_states: torch.Tensor, activation: nn.Module | None = None, hidden_act: str | None = None
+) -> torch.Tensor:
+    """`activation(linear(hidden_states))`, as one oneDNN matmul with the bias and the activation fused in for bf16
+    inference on the CPU (what inductor emits for frozen weights), where they would otherwise be passes of their own.
+
+    The weight is cast on every call, never kept packed between calls: fused optimisers and `.data` edits change
     weights without bumping their version counters, so no cache could tell when a packed copy went stale.
     """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None):
-        super().__init__(in_features, out_features, bias=bias)
-        self.activation_name = activation
-        self.activation = ACT2FN[activation] if activation is not None else None
-
-    def fused_dtype(self, hidden_states: torch.Tensor) -> torch.dtype | None:
-        """The dtype the fused CPU path computes in, or None where it does not apply."""
-        if (
-            self.training
-            or hidden_states.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or not ONEDNN_LINEAR_AVAILABLE
-            or not torch.backends.mkldnn.enabled
-        ):
-            return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, *self.parameters())):
-            return None
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden_states.dtype
-        if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return dtype
-        return None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = self.fused_dtype(hidden_states)
-        activation = self.activation
-        if dtype is None:
-            output = super().forward(hidden_states)
-        else:
-            bias = None if self.bias is None else self.bias.to(dtype)
-            post_op, algorithm = ONEDNN_POST_OPS.get(self.activation_name, ("none", ""))
-            output = torch.ops.mkldnn._linear_pointwise(
-                hidden_states.to(dtype), self.weight.to(dtype), bias, post_op, [], algorithm
-            )
-            if self.activation_name in ONEDNN_POST_OPS:
-                activation = None  # applied by the kernel
+    if not fused_linear_applies(linear, hidden_states):
+        output = linear(hidden_states)
         return output if activation is None else activation(output)
-
-    def extra_repr(self) -> str:
-        activation = f", activation={self.activation_name}" if self.activation_name is not None else ""
-        return super().extra_repr() + activation
+    post_op, algorithm = ONEDNN_POST_OPS.get(hidden_act, ("none", ""))
+    bias = None if linear.bias is None else linear.bias.to(torch.bfloat16)
+    output = torch.ops.mkldnn._linear_pointwise(
+        hidden_states.to(torch.bfloat16), linear.weight.to(torch.bfloat16), bias, post_op, [], algorithm
+    )
+    return output if activation is None or hidden_act in ONEDNN_POST_OPS else activation(output)
 
 
 class ViTCustomSelfAttention(nn.Module):
@@ -224,19 +223,20 @@ class ViTCustomSelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_probs_dropout_prob
         self.is_causal = False  # read by transformers' SDPA and flash backends
-        self.qkv = ViTCustomLinear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.proj = ViTCustomLinear(config.hidden_size, config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def attention_function(self, query: torch.Tensor, output_attentions: bool) -> Callable:
         """The configured backend from transformers' registry, or the eager path where it is needed or faster.
 
-        Only the eager path returns attention weights. On the CPU, PyTorch's flash-attention backward is slower than
-        the eager path's batched matmuls (ViT-S/16, batch 8, 2 threads: bf16 training steps 1.27x faster with the
-        matmuls, fp32 steps alike), so SDPA hands steps that record gradients to the eager path and keeps the flash
-        kernel, the faster forward, for inference.
+        Only the eager path returns attention weights. On the CPU, PyTorch's flash-attention backward is several
+        times slower than the eager path's batched matmuls, so SDPA trains there through the eager path (which keeps
+        the tokens x tokens probabilities for the backward, as transformers' eager ViT does) and infers with the
+        flash kernel, the faster forward. Routing on the module's mode rather than on gradients keeps both passes of
+        reentrant activation checkpointing on one path.
         """
         implementation = self.config._attn_implementation
-        cpu_training = implementation == "sdpa" and query.device.type == "cpu" and query.requires_grad
+        cpu_training = implementation == "sdpa" and query.device.type == "cpu" and self.training
         if output_attentions or cpu_training:
             return eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -246,7 +246,7 @@ class ViTCustomSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_tokens, hidden_size = hidden_states.shape
         # (batch, tokens, 3 * hidden) -> 3 x (batch, heads, tokens, head_dim)
-        qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        qkv = linear_forward(self.qkv, hidden_states).view(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
         attention_interface = self.attention_function(
@@ -263,7 +263,7 @@ class ViTCustomSelfAttention(nn.Module):
             is_causal=False,
         )
         attn_output = attn_output.reshape(batch_size, num_tokens, hidden_size)  # (batch, tokens, hidden)
-        return self.proj(attn_output), attn_weights
+        return linear_forward(self.proj, attn_output), attn_weights
 
 
 class ViTCustomMLP(nn.Module):
@@ -271,13 +271,16 @@ class ViTCustomMLP(nn.Module):
 
     def __init__(self, config: ViTCustomConfig):
         super().__init__()
-        self.fc1 = ViTCustomLinear(config.hidden_size, config.intermediate_size, activation=config.hidden_act)
-        self.fc2 = ViTCustomLinear(config.intermediate_size, config.hidden_size)
+        self.hidden_act = config.hidden_act
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.dropout(self.fc1(hidden_states))  # (batch, tokens, intermediate), activated
-        return self.dropout(self.fc2(hidden_states))
+        hidden_states = linear_forward(self.fc1, hidden_states, self.activation, self.hidden_act)
+        hidden_states = self.dropout(hidden_states)  # (batch, tokens, intermediate)
+        return self.dropout(linear_forward(self.fc2, hidden_states))
 
 
 class ViTCustomDropPath(nn.Module):
@@ -437,6 +440,16 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
+    def bf16_cpu_inference(self, hidden_states: torch.Tensor) -> bool:
+        """Eval mode under CPU bf16 autocast with no gradient recorded."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and hidden_states.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
+
     def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool) -> None:
         """Turn a user mistake into a message that names it, rather than a shape error deep inside torch."""
         if pixel_values is None:
@@ -456,7 +469,7 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         # check then tells a real one from a sum that merely overflowed.
         if (
             not torch.compiler.is_compiling()
-            and not torch.isfinite(pixel_values.sum())
+            and not torch.isfinite(pixel_values.sum(dtype=torch.float32))
             and not torch.isfinite(pixel_values).all()
         ):
             raise ValueError("`pixel_values` contains NaN or infinite values; check the images and their decoding.")
@@ -500,11 +513,11 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
 
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)  # (batch, patches + 1, hidden)
-        if hidden_states.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled():
-            # CPU inference under autocast carries the residual stream in the autocast dtype, as a bf16 model would:
-            # layer norms, residual sums and linear inputs then skip their casts (ViT-S/16: ~1.15x faster), at the
-            # price of bf16 rounding in the sums. Training keeps fp32 sums.
-            hidden_states = hidden_states.to(torch.get_autocast_dtype("cpu"))
+        if self.bf16_cpu_inference(hidden_states):
+            # Carried in bf16, as a bf16 model would: layer norms, residual sums and linear inputs skip their casts,
+            # at the price of bf16 rounding in the sums (the outputs are bf16, like autocast's logits). Training and
+            # the MAE model keep fp32 sums.
+            hidden_states = hidden_states.to(torch.bfloat16)
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)
         sequence_output = self.layernorm(hidden_states)
