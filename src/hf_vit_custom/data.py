@@ -173,12 +173,7 @@ def load_unlabeled_image_folder(
 
 
 def _unlabeled_images(folder: str | os.PathLike, argument: str) -> datasets.Dataset:
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"`{argument}` {str(folder)!r} is not a folder.")
-    files = sorted(str(path) for path in root.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"`{argument}` {str(folder)!r} contains no images (extensions {sorted(IMAGE_EXTENSIONS)}).")
+    files = [str(path) for path in _image_files_below(folder, argument)]
     _check_image_files(files)
     features = datasets.Features(
         {IMAGE_COLUMN: datasets.Image(), LABEL_COLUMN: datasets.ClassLabel(names=[UNLABELED_CLASS])}
@@ -713,8 +708,8 @@ def _label_array(split_dataset: datasets.Dataset, label_column: str) -> np.ndarr
     return table.column(label_column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _scan_image_folder(folder: str | os.PathLike, argument: str) -> tuple[list[str], list[str]]:
-    """Return the image files of `folder/<class>/<image>` and the sorted class names, or raise a clear error."""
+def _image_files_below(folder: str | os.PathLike, argument: str, layout_hint: str = "") -> list[Path]:
+    """The image files at any depth below `folder`, sorted, or a clear error naming `argument`."""
     root = Path(folder)
     if not root.exists():
         raise ValueError(f"`{argument}` {str(folder)!r} does not exist.")
@@ -723,9 +718,15 @@ def _scan_image_folder(folder: str | os.PathLike, argument: str) -> tuple[list[s
     images = sorted(path for path in root.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(
-            f"`{argument}` {str(folder)!r} contains no images (extensions {sorted(IMAGE_EXTENSIONS)}); expected "
-            "one sub-folder per class with the images inside."
+            f"`{argument}` {str(folder)!r} contains no images (extensions {sorted(IMAGE_EXTENSIONS)}){layout_hint}."
         )
+    return images
+
+
+def _scan_image_folder(folder: str | os.PathLike, argument: str) -> tuple[list[str], list[str]]:
+    """Return the image files of `folder/<class>/<image>` and the sorted class names, or raise a clear error."""
+    root = Path(folder)
+    images = _image_files_below(folder, argument, "; expected one sub-folder per class with the images inside")
     loose = [path for path in images if path.parent == root]
     if loose:
         raise ValueError(
