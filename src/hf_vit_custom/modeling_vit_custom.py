@@ -179,12 +179,12 @@ def fused_linear_applies(linear: nn.Module, hidden_states: torch.Tensor) -> bool
     """bf16 inference on the CPU (autocast or bf16 inputs), recording no gradient, outside `torch.compile`."""
     if linear.training or not ONEDNN_BF16_LINEAR or hidden_states.device.type != "cpu":
         return False
+    autocast = torch.is_autocast_enabled("cpu")
+    if (torch.get_autocast_dtype("cpu") if autocast else hidden_states.dtype) != torch.bfloat16:
+        return False
     if torch.compiler.is_compiling() or not torch.backends.mkldnn.enabled or not is_stock_cpu_module(linear, nn.Linear):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, *linear.parameters())):
-        return False
-    autocast = torch.is_autocast_enabled("cpu")
-    return (torch.get_autocast_dtype("cpu") if autocast else hidden_states.dtype) == torch.bfloat16
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, *linear.parameters())))
 
 
 def linear_forward(
