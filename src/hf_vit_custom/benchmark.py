@@ -59,8 +59,14 @@ def vit_forward_flops(config: ViTCustomConfig, num_classes: int) -> float:
     return 2.0 * (patch_embedding + config.num_hidden_layers * per_layer + hidden * num_classes)
 
 
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """The FLOP/s of a large square matmul: what this device sustains on the dominant op of a ViT."""
+def matmul_flops_per_second(
+    device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 10
+) -> float:
+    """The FLOP/s of a large square matmul: what this device sustains on the dominant op of a ViT.
+
+    A GPU needs 8192-wide operands to reach its rate (at 2048, launch overhead is a large part of each product).
+    """
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
@@ -274,6 +280,10 @@ def run_benchmark(
         # memory that model left behind, a cost a real loop, running one model step after step, does not have.
         shift = round_index % len(runners)
         for runner in runners[shift:] + runners[:shift]:
+            if device.type == "cuda":
+                # Every turn starts from an empty cache, as a lone model would: otherwise the blocks that the other
+                # models' steps left cached can fill the GPU, and this turn's allocations wait for them to be freed.
+                torch.cuda.empty_cache()
             runner.infer()
             inference_times[runner.contender.name].append(time_call(runner.infer, device, iterations))
             if device.type == "cuda":
