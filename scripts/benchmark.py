@@ -3,6 +3,7 @@
     python scripts/benchmark.py --preset vit-small-patch16-224 --batch_size 8 --dtype fp32
     python scripts/benchmark.py --preset vit-base-patch16-224 --device cuda --dtype bf16 --batch_size 64
     python scripts/benchmark.py --batch_size 32 --gradient_checkpointing --cpu_memory --no_transformers --backends sdpa
+    python scripts/benchmark.py --rounds 1 --import_time   # also: how long `import hf_vit_custom` takes
 
 Prints a markdown table (images/s, share of the same run's large-matmul FLOP/s, ratio to transformers-sdpa) and
 writes it with the raw figures to `--output` (`.md` and `.json`). Compare figures only within one run.
@@ -14,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from hf_vit_custom.benchmark import build_contenders, count_graph_breaks, markdown_table, run_benchmark
+from hf_vit_custom.benchmark import (
+    build_contenders,
+    count_graph_breaks,
+    import_seconds,
+    import_table,
+    markdown_table,
+    run_benchmark,
+)
 from hf_vit_custom.configuration_vit_custom import ViTCustomConfig
 
 
@@ -36,6 +44,9 @@ def main(args: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--cpu_memory", action="store_true", help="CPU: measure each training step's memory in a fresh process"
+    )
+    parser.add_argument(
+        "--import_time", action="store_true", help="also time torch's, transformers' ViT's and this package's imports"
     )
     parser.add_argument("--output", default="benchmark", help="writes OUTPUT.md and OUTPUT.json")
     options = parser.parse_args(args)
@@ -64,6 +75,10 @@ def main(args: list[str] | None = None) -> dict:
     if options.compile:
         report["graph_breaks"] = count_graph_breaks(config)
     table = f"{options.preset}: " + markdown_table(report)
+    if options.import_time:
+        report["import_seconds"] = import_seconds()
+        table += "\n\nImports, each in a fresh interpreter (median of 7 interleaved rounds):\n\n"
+        table += import_table(report["import_seconds"])
     print(table)
     Path(f"{options.output}.md").write_text(table + "\n")
     Path(f"{options.output}.json").write_text(json.dumps(report, indent=2))

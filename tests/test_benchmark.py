@@ -8,6 +8,8 @@ from hf_vit_custom.benchmark import (
     build_contenders,
     count_graph_breaks,
     cpu_training_step_memory_mb,
+    import_seconds,
+    import_table,
     markdown_table,
     run_benchmark,
     vit_forward_flops,
@@ -65,3 +67,14 @@ def test_cpu_training_memory_is_measured_and_activation_checkpointing_lowers_it(
     assert set(memory) == set(names)
     assert memory["hf_vit_custom-sdpa"] > 20  # activations of 6 layers x 64 images x 65 tokens, in MB
     assert memory["hf_vit_custom-sdpa-checkpointing"] < 0.75 * memory["hf_vit_custom-sdpa"]
+
+
+def test_import_times_come_from_fresh_interpreters_and_the_table_shows_each_increment():
+    """A module imported by an earlier statement would be free in a shared interpreter; each run starts empty."""
+    fresh = "import sys; assert 'sqlite3' not in sys.modules"  # fails in an interpreter that imported it before
+    statements = {"python": "pass", "sqlite3": "import sqlite3", "fresh": fresh}
+    seconds = import_seconds(rounds=2, statements=statements)
+    assert list(seconds) == list(statements) and all(value > 0 for value in seconds.values())
+    table = import_table({"python": 0.02, "torch": 1.25, "hf_vit_custom": 1.5})
+    rows = ["| python | 0.02 | - |", "| torch | 1.25 | +1.23 |", "| hf_vit_custom | 1.50 | +0.25 |"]
+    assert table.splitlines()[2:] == rows

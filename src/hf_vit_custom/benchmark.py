@@ -11,6 +11,8 @@ import ctypes
 import multiprocessing
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -370,3 +372,34 @@ def count_graph_breaks(config: ViTCustomConfig, batch_size: int = 2) -> int:
     pixels = torch.randn(batch_size, config.num_channels, height, width)
     explanation = torch._dynamo.explain(model)(pixels)
     return explanation.graph_break_count
+
+
+# What a user's program imports to get each model, timed from a fresh interpreter; "python" is the interpreter alone.
+IMPORT_STATEMENTS = {
+    "python": "pass",
+    "torch": "import torch",
+    "transformers ViT": "from transformers import ViTForImageClassification, ViTImageProcessorPil",
+    "hf_vit_custom": "import hf_vit_custom",
+}
+
+
+def import_seconds(rounds: int = 7, statements: dict[str, str] = IMPORT_STATEMENTS) -> dict[str, float]:
+    """Median wall time of each import statement in a fresh interpreter, in interleaved rounds."""
+    times = {name: [] for name in statements}
+    for _ in range(rounds):
+        for name, statement in statements.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", statement], check=True)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def import_table(seconds: dict[str, float]) -> str:
+    """Import times as a markdown table; each row's increment is what its import adds over the row above."""
+    lines = ["| import | seconds | added over the row above |", "|---|---|---|"]
+    previous = None
+    for name, value in seconds.items():
+        added = "-" if previous is None else f"{value - previous:+.2f}"
+        lines.append(f"| {name} | {value:.2f} | {added} |")
+        previous = value
+    return "\n".join(lines)
