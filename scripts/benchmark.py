@@ -1,9 +1,10 @@
 """Compare this package's ViT with transformers' (and timm's, when it imports) on the same architecture and batch.
 
     python scripts/benchmark.py --preset vit-small-patch16-224 --batch_size 8 --dtype fp32
-    python scripts/benchmark.py --preset vit-base-patch16-224 --device cuda --dtype bf16 --batch_size 64
+    python scripts/benchmark.py --preset vit-base-patch16-224 --device cuda --dtype bf16 --batch_size 64 \\
+        --contenders hf_vit_custom-sdpa transformers-sdpa timm
     python scripts/benchmark.py --batch_size 32 --gradient_checkpointing --cpu_memory --no_transformers --backends sdpa
-    python scripts/benchmark.py --rounds 1 --import_time   # also: how long `import hf_vit_custom` takes
+    python scripts/benchmark.py --import_time --rounds 7   # how long `import hf_vit_custom` takes
 
 Prints a markdown table (images/s, share of the same run's large-matmul FLOP/s, ratio to transformers-sdpa) and
 writes it with the raw figures to `--output` (`.md` and `.json`). Compare figures only within one run.
@@ -22,6 +23,7 @@ from hf_vit_custom.benchmark import (
     import_table,
     markdown_table,
     run_benchmark,
+    select_contenders,
 )
 from hf_vit_custom.configuration_vit_custom import ViTCustomConfig
 
@@ -40,17 +42,27 @@ def main(args: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     parser.add_argument("--no_transformers", action="store_true", help="time this package only")
     parser.add_argument(
+        "--contenders", nargs="+", default=None, help="time only these, by name (e.g. hf_vit_custom-sdpa timm)"
+    )
+    parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="add our first backend with activation checkpointing"
     )
     parser.add_argument(
         "--cpu_memory", action="store_true", help="CPU: measure each training step's memory in a fresh process"
     )
     parser.add_argument(
-        "--import_time", action="store_true", help="also time torch's, transformers' ViT's and this package's imports"
+        "--import_time",
+        action="store_true",
+        help="instead of throughput, time the imports of torch, transformers' ViT and this package (--rounds rounds)",
     )
     parser.add_argument("--output", default="benchmark", help="writes OUTPUT.md and OUTPUT.json")
     options = parser.parse_args(args)
 
+    if options.import_time:
+        seconds = import_seconds(rounds=options.rounds)
+        table = f"Imports, each in a fresh interpreter (median of {options.rounds} interleaved rounds):\n\n"
+        table += import_table(seconds)
+        return write_report({"import_seconds": seconds, "rounds": options.rounds}, table, options.output)
     if options.threads:
         torch.set_num_threads(options.threads)
     config = ViTCustomConfig.from_preset(options.preset, num_labels=options.num_labels)
@@ -59,7 +71,7 @@ def main(args: list[str] | None = None) -> dict:
         "include_transformers": not options.no_transformers,
         "gradient_checkpointing": options.gradient_checkpointing,
     }
-    contenders = build_contenders(config, **contender_options)
+    contenders = select_contenders(build_contenders(config, **contender_options), options.contenders)
     report = run_benchmark(
         config,
         contenders,
@@ -74,14 +86,13 @@ def main(args: list[str] | None = None) -> dict:
     report["preset"] = options.preset
     if options.compile:
         report["graph_breaks"] = count_graph_breaks(config)
-    table = f"{options.preset}: " + markdown_table(report)
-    if options.import_time:
-        report["import_seconds"] = import_seconds()
-        table += "\n\nImports, each in a fresh interpreter (median of 7 interleaved rounds):\n\n"
-        table += import_table(report["import_seconds"])
+    return write_report(report, f"{options.preset}: " + markdown_table(report), options.output)
+
+
+def write_report(report: dict, table: str, output: str) -> dict:
     print(table)
-    Path(f"{options.output}.md").write_text(table + "\n")
-    Path(f"{options.output}.json").write_text(json.dumps(report, indent=2))
+    Path(f"{output}.md").write_text(table + "\n")
+    Path(f"{output}.json").write_text(json.dumps(report, indent=2))
     return report
 
 

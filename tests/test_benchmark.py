@@ -12,6 +12,7 @@ from hf_vit_custom.benchmark import (
     import_table,
     markdown_table,
     run_benchmark,
+    select_contenders,
     vit_forward_flops,
 )
 
@@ -78,3 +79,12 @@ def test_import_times_come_from_fresh_interpreters_and_the_table_shows_each_incr
     table = import_table({"python": 0.02, "torch": 1.25, "hf_vit_custom": 1.5})
     rows = ["| python | 0.02 | - |", "| torch | 1.25 | +1.23 |", "| hf_vit_custom | 1.50 | +0.25 |"]
     assert table.splitlines()[2:] == rows
+
+
+def test_contenders_are_chosen_by_name_and_an_unknown_name_lists_the_real_ones():
+    contenders = build_contenders(ViTCustomConfig(**tiny_config_kwargs()), ["sdpa", "eager"], include_timm=False)
+    chosen = select_contenders(contenders, ["transformers-sdpa", "hf_vit_custom-sdpa"])
+    assert [contender.name for contender in chosen] == ["transformers-sdpa", "hf_vit_custom-sdpa"]
+    assert select_contenders(contenders, None) == contenders
+    with pytest.raises(ValueError, match=r"Unknown contender\(s\) \['timm'\]; this run has \['hf_vit_custom-sdpa'"):
+        select_contenders(contenders, ["timm"])

@@ -154,6 +154,17 @@ def build_contenders(
     return contenders
 
 
+def select_contenders(contenders: list[Contender], names: list[str] | None) -> list[Contender]:
+    """The named contenders, in the order given (all of them for None); an unknown name is an error that lists them."""
+    if names is None:
+        return contenders
+    by_name = {contender.name: contender for contender in contenders}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise ValueError(f"Unknown contender(s) {unknown}; this run has {list(by_name)}.")
+    return [by_name[name] for name in names]
+
+
 class Runner:
     """One contender on the device: an inference closure and a training-step closure (forward, backward, AdamW)."""
 
@@ -283,8 +294,9 @@ def run_benchmark(
         shift = round_index % len(runners)
         for runner in runners[shift:] + runners[:shift]:
             if device.type == "cuda":
-                # Every turn starts from an empty cache, as a lone model would: otherwise the blocks that the other
-                # models' steps left cached can fill the GPU, and this turn's allocations wait for them to be freed.
+                # Every turn starts from an empty cache, as a lone model would. Otherwise the blocks the other models
+                # left cached, sized for their tensors, can fill the GPU: a request that none of them fits then frees
+                # the whole cache (a synchronising cudaFree per block) and allocates again, inside the timed calls.
                 torch.cuda.empty_cache()
             runner.infer()
             inference_times[runner.contender.name].append(time_call(runner.infer, device, iterations))
@@ -399,6 +411,7 @@ def import_table(seconds: dict[str, float]) -> str:
     lines = ["| import | seconds | added over the row above |", "|---|---|---|"]
     previous = None
     for name, value in seconds.items():
+        value = round(value, 2)  # increments of the printed figures, so that the table adds up
         added = "-" if previous is None else f"{value - previous:+.2f}"
         lines.append(f"| {name} | {value:.2f} | {added} |")
         previous = value

@@ -466,8 +466,8 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         _, num_channels, height, width = pixel_values.shape
         # A NaN pixel would turn every output into NaN without a word. One sum finds any NaN or infinity (at a
         # fifteenth of the cost of an element-wise check); the element-wise check then tells a real one from a sum
-        # that merely overflowed. CPU tensors only: on a GPU, reading the answer waits for the queued kernels (8% of
-        # ViT-B/16 training throughput at batch 64 on an H200), and `torch.compile` cannot trace the host read.
+        # that merely overflowed. CPU tensors only: on a GPU, reading the answer back waits for the queued kernels and
+        # cannot be captured in a CUDA graph, and `torch.compile` cannot trace it.
         if (
             pixel_values.device.type == "cpu"
             and not torch.compiler.is_compiling()
