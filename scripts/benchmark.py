@@ -71,7 +71,10 @@ def main(args: list[str] | None = None) -> dict:
         "include_transformers": not options.no_transformers,
         "gradient_checkpointing": options.gradient_checkpointing,
     }
-    contenders = select_contenders(build_contenders(config, **contender_options), options.contenders)
+    try:
+        contenders = select_contenders(build_contenders(config, **contender_options), options.contenders)
+    except ValueError as error:
+        parser.error(str(error))
     report = run_benchmark(
         config,
         contenders,

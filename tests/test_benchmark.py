@@ -1,7 +1,9 @@
 """The benchmark library: FLOP count, interleaved measurement, table, and a compile check without graph breaks."""
 
+import importlib.util
+
 import pytest
-from conftest import tiny_config_kwargs
+from conftest import REPO, tiny_config_kwargs
 
 from hf_vit_custom import ViTCustomConfig
 from hf_vit_custom.benchmark import (
@@ -88,3 +90,13 @@ def test_contenders_are_chosen_by_name_and_an_unknown_name_lists_the_real_ones()
     assert select_contenders(contenders, None) == contenders
     with pytest.raises(ValueError, match=r"Unknown contender\(s\) \['timm'\]; this run has \['hf_vit_custom-sdpa'"):
         select_contenders(contenders, ["timm"])
+
+
+def test_script_refuses_an_unknown_contender_with_a_usage_message(capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--contenders", "hf_vit_custom-sdpa", "timmm"])
+    assert exit_info.value.code == 2
+    assert "Unknown contender(s) ['timmm']; this run has ['hf_vit_custom-sdpa'" in capsys.readouterr().err
