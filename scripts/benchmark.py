@@ -4,6 +4,7 @@
     python scripts/benchmark.py --preset vit-base-patch16-224 --device cuda --dtype bf16 --batch_size 64 \\
         --contenders hf_vit_custom-sdpa transformers-sdpa timm
     python scripts/benchmark.py --batch_size 32 --gradient_checkpointing --cpu_memory --no_transformers --backends sdpa
+    python scripts/benchmark.py --dtype bf16 --profile   # and where each call spends its time, by op group
     python scripts/benchmark.py --import_time --rounds 7   # how long `import hf_vit_custom` takes
 
 Prints a markdown table (images/s, share of the same run's large-matmul FLOP/s, ratio to transformers-sdpa) and
@@ -51,6 +52,9 @@ def main(args: list[str] | None = None) -> dict:
         "--cpu_memory", action="store_true", help="CPU: measure each training step's memory in a fresh process"
     )
     parser.add_argument(
+        "--profile", action="store_true", help="also show where each call spends its time, by op group (torch.profiler)"
+    )
+    parser.add_argument(
         "--import_time",
         action="store_true",
         help="instead of throughput, time the imports of torch, transformers' ViT and this package (--rounds rounds)",
@@ -85,6 +89,7 @@ def main(args: list[str] | None = None) -> dict:
         iterations=options.iterations,
         compile_model=options.compile,
         cpu_memory_options=contender_options if options.cpu_memory else None,
+        profile=options.profile,
     )
     report["preset"] = options.preset
     if options.compile:

@@ -3,6 +3,7 @@
 import importlib.util
 
 import pytest
+import torch
 from conftest import REPO, tiny_config_kwargs
 
 from hf_vit_custom import ViTCustomConfig
@@ -13,6 +14,8 @@ from hf_vit_custom.benchmark import (
     import_seconds,
     import_table,
     markdown_table,
+    milliseconds_by_op_group,
+    op_group,
     run_benchmark,
     select_contenders,
     vit_forward_flops,
@@ -44,6 +47,20 @@ def test_run_benchmark_measures_every_contender_and_compares_to_transformers():
     table = markdown_table(report)
     assert "| transformers-sdpa |" in table and "| 1.00x | 1.00x |" in table
     assert table.count("\n| hf_vit_custom-") == 2
+
+
+def test_every_contender_runs_the_backend_it_is_named_after():
+    """Built one after the other from one configuration, as a run builds them, each keeps its own backend."""
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    contenders = build_contenders(config, ["sdpa", "eager"], include_timm=False)
+    models = [contender.build() for contender in contenders]
+    backends = [model.config._attn_implementation for model in models]
+    assert backends == ["sdpa", "eager", "sdpa", "eager"]
+    assert config._attn_implementation == ViTCustomConfig(**tiny_config_kwargs())._attn_implementation  # untouched
+    pixels = torch.randn(2, config.num_channels, config.image_size, config.image_size)
+    with torch.no_grad(), torch.profiler.profile() as profiler:
+        models[0].eval()(pixels)
+    assert any("scaled_dot_product" in event.key for event in profiler.key_averages())
 
 
 def test_without_the_reference_there_are_no_speedups():
@@ -100,3 +117,45 @@ def test_script_refuses_an_unknown_contender_with_a_usage_message(capsys):
         script.main(["--contenders", "hf_vit_custom-sdpa", "timmm"])
     assert exit_info.value.code == 2
     assert "Unknown contender(s) ['timmm']; this run has ['hf_vit_custom-sdpa'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("op_name", "group"),
+    [
+        ("aten::addmm", "matmuls"),
+        ("mkldnn::_linear_pointwise", "matmuls"),
+        ("aten::convolution_backward", "matmuls"),
+        ("aten::bmm", "attention"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+        ("aten::_to_copy", "casts and copies"),
+        ("aten::native_layer_norm_backward", "layer norm"),
+        ("aten::gelu_backward", "activation"),
+        ("aten::_softmax_backward_data", "softmax"),
+        ("aten::_fused_adamw_", "optimizer"),
+        ("aten::add", "other"),
+        ("autograd::engine::evaluate_function: MmBackward0", "other"),  # bookkeeping, not the matmul itself
+    ],
+)
+def test_op_group_names_the_work_an_operator_does(op_name, group):
+    assert op_group(op_name) == group
+
+
+def test_profile_puts_each_operator_s_time_in_its_group():
+    first, second = torch.randn(256, 256), torch.randn(256, 256)
+    milliseconds = milliseconds_by_op_group(lambda: torch.softmax(first @ second, dim=-1), torch.device("cpu"))
+    assert milliseconds["matmuls"] > 0 and milliseconds["softmax"] > 0
+    assert all(value == 0 for group, value in milliseconds.items() if group not in ("matmuls", "softmax", "other"))
+
+
+def test_run_benchmark_profiles_both_passes_of_every_contender_on_request():
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    contenders = build_contenders(config, ["sdpa"], include_timm=False)
+    report = run_benchmark(config, contenders, batch_size=2, rounds=1, iterations=1, warmup=1, profile=True)
+    assert list(report["profile"]) == [contender.name for contender in contenders]
+    for passes in report["profile"].values():
+        assert passes["inference"]["optimizer"] == 0 < passes["training"]["optimizer"]
+        assert passes["inference"]["matmuls"] > 0 and passes["training"]["attention"] > 0
+    table = markdown_table(report)
+    assert "| attention | matmuls | casts and copies |" in table
+    assert table.count("| training |") == len(contenders)
+    assert "profile" not in run_benchmark(config, contenders[:1], batch_size=2, rounds=1, warmup=0)

@@ -86,8 +86,12 @@ def test_activation_checkpointing_cuts_peak_memory_and_keeps_the_gradients():
 
 def test_benchmark_measures_every_contender_on_the_gpu():
     contenders = build_contenders(config(), ["sdpa"], include_timm=False)
-    report = run_benchmark(config(), contenders, batch_size=8, device="cuda", dtype="bf16", rounds=2, warmup=1)
+    report = run_benchmark(
+        config(), contenders, batch_size=8, device="cuda", dtype="bf16", rounds=2, warmup=1, profile=True
+    )
     assert report["device_name"] == torch.cuda.get_device_name()
     for row in report["results"]:
         assert row["inference_images_per_s"] > 0 and 0 < row["training_flops_share"] < 1
         assert row["peak_training_memory_mb"] > 0
+    for passes in report["profile"].values():  # GPU time of the kernels each operator launched
+        assert passes["training"]["matmuls"] > 0 and passes["training"]["attention"] > 0

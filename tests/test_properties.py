@@ -5,6 +5,7 @@ Bounded for the suite: a fixed number of examples, a per-example deadline, and d
 the same examples (a failure found here reproduces).
 """
 
+import copy
 import tempfile
 from datetime import timedelta
 
@@ -51,8 +52,10 @@ def pixels(config: ViTCustomConfig, batch: int, seed: int) -> torch.Tensor:
 def test_valid_configs_run_with_the_right_shapes_and_backends_agree(values, batch, seed):
     torch.manual_seed(seed)
     config = ViTCustomConfig(**values)
-    eager = ViTCustomForImageClassification._from_config(config, attn_implementation="eager").eval()
-    sdpa = ViTCustomForImageClassification._from_config(config, attn_implementation="sdpa").eval()
+    # A configuration of its own for each model: `_from_config` records the backend on the one it is given.
+    eager = ViTCustomForImageClassification._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    sdpa = ViTCustomForImageClassification._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
     sdpa.load_state_dict(eager.state_dict())
     inputs = pixels(config, batch, seed)
     with torch.no_grad():

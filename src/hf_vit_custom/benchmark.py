@@ -7,6 +7,7 @@ figures are only comparable inside one run. A large matmul timed in the same run
 
 import concurrent.futures
 import contextlib
+import copy
 import ctypes
 import multiprocessing
 import re
@@ -95,11 +96,13 @@ def build_contenders(
 ) -> list[Contender]:
     """This package with each attention backend, transformers' ViT (sdpa, eager), and timm when it imports.
 
-    `gradient_checkpointing` adds this package's first backend with activation checkpointing on.
+    `gradient_checkpointing` adds this package's first backend with activation checkpointing on. Each model gets its
+    own copy of the configuration: `_from_config` records the backend on the configuration it is given, so models
+    sharing one would all run the backend of the last one built.
     """
 
     def ours(backend: str, checkpointing: bool = False) -> nn.Module:
-        model = ViTCustomForImageClassification._from_config(config, attn_implementation=backend)
+        model = ViTCustomForImageClassification._from_config(copy.deepcopy(config), attn_implementation=backend)
         if checkpointing:
             model.activation_checkpointing_enable()
         return model
@@ -124,7 +127,7 @@ def build_contenders(
             Contender(
                 f"transformers-{backend}",
                 lambda backend=backend: ViTForImageClassification._from_config(
-                    reference_config, attn_implementation=backend
+                    copy.deepcopy(reference_config), attn_implementation=backend
                 ),
                 lambda model, pixels: model(pixels).logits,
             )
@@ -243,6 +246,50 @@ def cpu_training_step_memory_mb(
     return results
 
 
+# The `--profile` breakdown: an operator's self time goes to the first group with a fragment of its name. Only PyTorch
+# operators (`aten::`, `mkldnn::`) are grouped; Python and autograd bookkeeping count as "other".
+OP_GROUPS = {
+    "attention": ("attention", "bmm"),  # fused kernels, or the eager path's batched matmuls
+    "matmuls": ("mm", "linear", "convolution"),  # the linear layers and the patch embedding
+    "casts and copies": ("copy",),
+    "layer norm": ("layer_norm",),
+    "activation": ("gelu", "relu"),
+    "softmax": ("softmax",),
+    "optimizer": ("adam", "_foreach_"),
+}
+OPERATOR_NAMESPACES = ("aten::", "mkldnn::")
+
+
+def op_group(op_name: str) -> str:
+    """The `OP_GROUPS` group of a profiler event name, or "other"."""
+    if not op_name.startswith(OPERATOR_NAMESPACES):
+        return "other"
+    name = op_name.lower()
+    return next((group for group, fragments in OP_GROUPS.items() if any(part in name for part in fragments)), "other")
+
+
+def milliseconds_by_op_group(function: Callable[[], None], device: torch.device, calls: int = 3) -> dict[str, float]:
+    """Self time of one `function()` call in each op group, averaged over `calls` profiled calls.
+
+    Self times add up to the whole call without counting nested operators twice. On a GPU the time is the kernels'
+    (what each operator launched), which is what bounds the step there.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(calls):
+            function()
+        synchronize(device)
+    milliseconds = dict.fromkeys([*OP_GROUPS, "other"], 0.0)
+    for event in profiler.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # GPU kernels: their time is already each launching operator's device time
+        self_time = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        milliseconds[op_group(event.key)] += self_time / 1e3 / calls
+    return milliseconds
+
+
 def time_call(function: Callable[[], None], device: torch.device, iterations: int) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -264,10 +311,12 @@ def run_benchmark(
     compile_model: bool = False,
     cpu_memory_options: dict | None = None,
     reference: str = "transformers-sdpa",
+    profile: bool = False,
 ) -> dict:
     """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment.
 
-    Speed-ups are against `reference`, when it is among the contenders.
+    Speed-ups are against `reference`, when it is among the contenders. `profile` adds, after the timed rounds, where
+    each contender's inference call and training step spend their time (`milliseconds_by_op_group`).
 
     `cpu_memory_options` (the `build_contenders` arguments that rebuild `contenders` in a fresh process) also
     measures each contender's training-step memory on the CPU; CUDA peaks are always measured.
@@ -337,7 +386,7 @@ def run_benchmark(
                 training_speedup=speedup(training_times, name),
             )
         )
-    return {
+    report = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
@@ -350,6 +399,15 @@ def run_benchmark(
         "forward_flops_per_image": forward_flops,
         "results": [asdict(measurement) for measurement in measurements],
     }
+    if profile:
+        report["profile"] = {
+            runner.contender.name: {
+                "inference": milliseconds_by_op_group(runner.infer, device),
+                "training": milliseconds_by_op_group(runner.train_step, device),
+            }
+            for runner in runners
+        }
+    return report
 
 
 def markdown_table(report: dict) -> str:
@@ -374,12 +432,31 @@ def markdown_table(report: dict) -> str:
             f"| {row['training_images_per_s']:.1f} | {row['training_flops_share']:.0%} "
             f"| {relative[0]} | {relative[1]} | {memory} |"
         )
+    if "profile" in report:
+        lines += ["", profile_table(report["profile"])]
+    return "\n".join(lines)
+
+
+def profile_table(profile: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Milliseconds per call in each op group, a row per contender and pass, with each group's share of the total."""
+    groups = [*OP_GROUPS, "other"]
+    lines = [
+        "Self time per call by op group, ms (share of the call):",
+        "",
+        f"| contender | pass | {' | '.join(groups)} | total |",
+        "|---|---|" + "---|" * (len(groups) + 1),
+    ]
+    for name, passes in profile.items():
+        for pass_name, milliseconds in passes.items():
+            total = sum(milliseconds.values())
+            cells = [f"{milliseconds[group]:.1f} ({milliseconds[group] / total:.0%})" for group in groups]
+            lines.append(f"| {name} | {pass_name} | {' | '.join(cells)} | {total:.1f} |")
     return "\n".join(lines)
 
 
 def count_graph_breaks(config: ViTCustomConfig, batch_size: int = 2) -> int:
     """Graph breaks `torch.compile` meets in the classifier's forward (0 means one whole graph)."""
-    model = ViTCustomForImageClassification._from_config(config, attn_implementation="sdpa").eval()
+    model = ViTCustomForImageClassification._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     height, width = to_pair(config.image_size)
     pixels = torch.randn(batch_size, config.num_channels, height, width)
     explanation = torch._dynamo.explain(model)(pixels)
