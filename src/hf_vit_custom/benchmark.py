@@ -268,8 +268,8 @@ def op_group(op_name: str) -> str:
     return next((group for group, fragments in OP_GROUPS.items() if any(part in name for part in fragments)), "other")
 
 
-def milliseconds_by_op_group(function: Callable[[], None], device: torch.device, calls: int = 3) -> dict[str, float]:
-    """Self time of one `function()` call in each op group, averaged over `calls` profiled calls.
+def milliseconds_by_op_group(function: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Self time of one `function()` call in each op group.
 
     Self times add up to the whole call without counting nested operators twice. On a GPU the time is the kernels'
     (what each operator launched), which is what bounds the step there.
@@ -278,16 +278,35 @@ def milliseconds_by_op_group(function: Callable[[], None], device: torch.device,
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(calls):
-            function()
+        function()
         synchronize(device)
     milliseconds = dict.fromkeys([*OP_GROUPS, "other"], 0.0)
     for event in profiler.key_averages():
         if event.device_type != torch.autograd.DeviceType.CPU:
             continue  # GPU kernels: their time is already each launching operator's device time
         self_time = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        milliseconds[op_group(event.key)] += self_time / 1e3 / calls
+        milliseconds[op_group(event.key)] += self_time / 1e3
     return milliseconds
+
+
+def profile_by_op_group(runners: list["Runner"], device: torch.device, rounds: int = 3) -> dict:
+    """Each runner's `milliseconds_by_op_group` for an inference call and a training step.
+
+    Profiled in interleaved rounds like the timings, keeping the round with the median total: a call profiled once
+    would carry whatever load a shared machine had at that moment.
+    """
+    samples = {runner.contender.name: {"inference": [], "training": []} for runner in runners}
+    for _ in range(rounds):
+        for runner in runners:
+            samples[runner.contender.name]["inference"].append(milliseconds_by_op_group(runner.infer, device))
+            samples[runner.contender.name]["training"].append(milliseconds_by_op_group(runner.train_step, device))
+
+    def median_round(runs: list[dict[str, float]]) -> dict[str, float]:
+        return sorted(runs, key=lambda milliseconds: sum(milliseconds.values()))[len(runs) // 2]
+
+    return {
+        name: {pass_name: median_round(runs) for pass_name, runs in passes.items()} for name, passes in samples.items()
+    }
 
 
 def time_call(function: Callable[[], None], device: torch.device, iterations: int) -> float:
@@ -400,13 +419,7 @@ def run_benchmark(
         "results": [asdict(measurement) for measurement in measurements],
     }
     if profile:
-        report["profile"] = {
-            runner.contender.name: {
-                "inference": milliseconds_by_op_group(runner.infer, device),
-                "training": milliseconds_by_op_group(runner.train_step, device),
-            }
-            for runner in runners
-        }
+        report["profile"] = profile_by_op_group(runners, device)
     return report
 
 
