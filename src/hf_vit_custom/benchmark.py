@@ -289,7 +289,7 @@ def milliseconds_by_op_group(function: Callable[[], None], device: torch.device)
     return milliseconds
 
 
-def profile_by_op_group(runners: list["Runner"], device: torch.device, rounds: int = 3) -> dict:
+def profile_by_op_group(runners: list[Runner], device: torch.device, rounds: int = 3) -> dict:
     """Each runner's `milliseconds_by_op_group` for an inference call and a training step.
 
     Profiled in interleaved rounds like the timings, keeping the round with the median total: a call profiled once
