@@ -462,7 +462,7 @@ def profile_table(profile: dict[str, dict[str, dict[str, float]]]) -> str:
     for name, passes in profile.items():
         for pass_name, milliseconds in passes.items():
             total = sum(milliseconds.values())
-            cells = [f"{milliseconds[group]:.1f} ({milliseconds[group] / total:.0%})" for group in groups]
+            cells = [f"{milliseconds[group]:.1f} ({milliseconds[group] / (total or 1):.0%})" for group in groups]
             lines.append(f"| {name} | {pass_name} | {' | '.join(cells)} | {total:.1f} |")
     return "\n".join(lines)
 
