@@ -12,7 +12,14 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import torch
+
 import hf_vit_custom  # registers the Auto classes
+
+# pytest-xdist starts one worker per core (`-n auto`): one thread each, so that the workers' thread pools do not spin
+# against each other on the same cores (the processes the tests start already run with OMP_NUM_THREADS=1).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 
 def tiny_config_kwargs(**overrides):
