@@ -16,7 +16,7 @@ import torch
 
 import hf_vit_custom  # registers the Auto classes
 
-# pytest-xdist starts one worker per core (`-n auto`): one thread each, so that the workers' thread pools do not spin
+# Under pytest-xdist (`-n 2`, a worker per core): one thread per worker, so that the workers' thread pools do not spin
 # against each other on the same cores (the processes the tests start already run with OMP_NUM_THREADS=1).
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
