@@ -335,7 +335,7 @@ def run_benchmark(
     """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment.
 
     Speed-ups are against `reference`, when it is among the contenders. `profile` adds, after the timed rounds, where
-    each contender's inference call and training step spend their time (`milliseconds_by_op_group`).
+    each contender's inference call and training step spend their time (`profile_by_op_group`).
 
     `cpu_memory_options` (the `build_contenders` arguments that rebuild `contenders` in a fresh process) also
     measures each contender's training-step memory on the CPU; CUDA peaks are always measured.
