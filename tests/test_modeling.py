@@ -1,5 +1,6 @@
 """ViTCustomModel and ViTCustomForImageClassification: architecture, backends, outputs, saving and loading."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,12 +16,18 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    PreTrainedModel,
     ViTImageProcessorPil,
     pipeline,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, ViTCustomModel
+from hf_vit_custom import (
+    ViTCustomConfig,
+    ViTCustomForImageClassification,
+    ViTCustomForMaskedImageModeling,
+    ViTCustomModel,
+)
 from hf_vit_custom.modeling_vit_custom import ViTCustomDropPath
 
 BACKENDS = ["eager", "sdpa", "flex_attention"]
@@ -330,8 +337,8 @@ def test_save_writes_remote_code_files_and_complete_auto_map(tmp_path):
         "AutoConfig": "configuration_vit_custom.ViTCustomConfig",
         "AutoModel": "modeling_vit_custom.ViTCustomModel",
         "AutoModelForImageClassification": "modeling_vit_custom.ViTCustomForImageClassification",
-        "AutoModelForMaskedImageModeling": "modeling_vit_custom.ViTCustomForMaskedImageModeling",
     }
+    assert not (tmp_path / "modeling_vit_custom_mae.py").exists()  # shipped with masked-autoencoder saves only
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -424,3 +431,50 @@ def test_set_attn_implementation_switches_the_backend_of_a_built_model():
         assert model.config._attn_implementation == "eager"
         assert model.vit.layers[0].attention.config._attn_implementation == "eager"
         torch.testing.assert_close(model(images()).logits, sdpa_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_class", [ViTCustomModel, ViTCustomForImageClassification, ViTCustomForMaskedImageModeling]
+)
+def test_from_pretrained_without_a_checkpoint_initialises_every_weight_as_the_config_does(monkeypatch, model_class):
+    """transformers' contract (`ModelTesterMixin.test_can_init_all_missing_weights`): with each module's
+    initialisation seeded alike, `from_pretrained(None, config=..., state_dict={})` equals a model built from the
+    config, so `_init_weights` covers every parameter."""
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(self, module, *args):
+        torch.manual_seed(0)
+        original(self, module, *args)
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
+    config = ViTCustomConfig(**tiny_config_kwargs(decoder_hidden_size=16, decoder_num_attention_heads=2))
+    from_config = model_class(copy.deepcopy(config))
+    from_nothing = model_class.from_pretrained(None, config=config, state_dict={})
+    assert not [name for name, parameter in from_nothing.named_parameters() if parameter.is_meta]
+    expected, actual = from_config.state_dict(), from_nothing.state_dict()
+    assert expected.keys() == actual.keys()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+
+
+def test_loading_info_shows_missing_encoder_weights_instead_of_raising(tmp_path):
+    model = build()
+    state_dict = {key: value for key, value in model.state_dict().items() if not key.startswith("vit.layers.1.")}
+    model.save_pretrained(tmp_path, state_dict=state_dict)
+    with pytest.raises(OSError, match="lacks 12 encoder weights"):
+        ViTCustomForImageClassification.from_pretrained(tmp_path)
+    loaded, info = ViTCustomForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is ViTCustomForImageClassification
+    assert sorted(info["missing_keys"]) == sorted(key for key in model.state_dict() if key.startswith("vit.layers.1."))
+
+
+def test_a_training_step_with_labels_compiles_as_one_graph():
+    """Trainer's `--torch_compile true` compiles exactly this call; the label checks must not break the graph."""
+    model = build().train()
+    explanation = torch._dynamo.explain(model)(images(), labels=torch.tensor([0, 3]))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_out_of_range_labels_are_still_named_on_the_cpu():
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\).*\[7\]"):
+        build()(images(), labels=torch.tensor([0, 7]))

@@ -15,12 +15,8 @@ from transformers import (
 )
 
 from .configuration_vit_custom import MODEL_SIZES, ViTCustomConfig
-from .modeling_vit_custom import (
-    ViTCustomForImageClassification,
-    ViTCustomForMaskedImageModeling,
-    ViTCustomModel,
-    ViTCustomPreTrainedModel,
-)
+from .modeling_vit_custom import ViTCustomForImageClassification, ViTCustomModel, ViTCustomPreTrainedModel
+from .modeling_vit_custom_mae import ViTCustomForMaskedImageModeling
 
 __version__ = "0.1.0"
 

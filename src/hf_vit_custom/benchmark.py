@@ -24,6 +24,7 @@ from torch import nn
 
 from .configuration_vit_custom import ViTCustomConfig, to_pair
 from .conversion import config_to_transformers
+from .cpu_speed import optimize_for_cpu
 from .modeling_vit_custom import ViTCustomForImageClassification
 
 
@@ -54,10 +55,11 @@ class Measurement:
 def vit_forward_flops(config: ViTCustomConfig, num_classes: int) -> float:
     """Multiply-adds x 2 of one image's forward pass (matmuls and convolution only, as MFU counts them)."""
     grid_height, grid_width = config.grid_size
-    tokens = grid_height * grid_width + 1
+    num_patches = grid_height * grid_width
+    tokens = config.num_prefix_tokens + num_patches
     patch_height, patch_width = to_pair(config.patch_size)
     hidden, intermediate = config.hidden_size, config.intermediate_size
-    patch_embedding = (tokens - 1) * patch_height * patch_width * config.num_channels * hidden
+    patch_embedding = num_patches * patch_height * patch_width * config.num_channels * hidden
     per_layer = tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * tokens * tokens * hidden
     return 2.0 * (patch_embedding + config.num_hidden_layers * per_layer + hidden * num_classes)
 
@@ -93,10 +95,12 @@ def build_contenders(
     include_transformers: bool = True,
     include_timm: bool = True,
     gradient_checkpointing: bool = False,
+    cpu_optimized: bool = False,
 ) -> list[Contender]:
     """This package with each attention backend, transformers' ViT (sdpa, eager), and timm when it imports.
 
-    `gradient_checkpointing` adds this package's first backend with activation checkpointing on. Each model gets its
+    `gradient_checkpointing` adds this package's first backend with activation checkpointing on; `cpu_optimized` adds
+    `hf_vit_custom-cpu`, the SDPA model with `cpu_speed.optimize_for_cpu` applied. Each model gets its
     own copy of the configuration: `_from_config` records the backend on the configuration it is given, so models
     sharing one would all run the backend of the last one built.
     """
@@ -111,6 +115,10 @@ def build_contenders(
         Contender(f"hf_vit_custom-{backend}", lambda backend=backend: ours(backend), lambda model, x: model(x).logits)
         for backend in backends
     ]
+    if cpu_optimized:
+        contenders.append(
+            Contender("hf_vit_custom-cpu", lambda: optimize_for_cpu(ours("sdpa")), lambda model, x: model(x).logits)
+        )
     if gradient_checkpointing:
         contenders.append(
             Contender(

@@ -176,6 +176,11 @@ class ViTCustomConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens in front of the patches (timm's name): the class token."""
+        return 1
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         """Patches along height and width at the configured `image_size`."""
         image_height, image_width = to_pair(self.image_size)

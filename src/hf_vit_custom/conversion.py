@@ -24,14 +24,13 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from .configuration_vit_custom import MODEL_SIZES, ViTCustomConfig, to_pair
-from .modeling_vit_custom import ViTCustomEmbeddings, ViTCustomForImageClassification, ViTCustomModel
+from .modeling_vit_custom import ViTCustomForImageClassification, ViTCustomModel, resample_patch_positions
 
 logger = logging.getLogger(__name__)
 
@@ -62,40 +61,14 @@ SHARED_CONFIG_FIELDS = (
 
 
 def expected_shapes(config: ViTCustomConfig, with_head: bool) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter of `ViTCustomModel` (or `ViTCustomForImageClassification` when `with_head`)."""
-    hidden, mlp = config.hidden_size, config.intermediate_size
-    patch_height, patch_width = to_pair(config.patch_size)
-    grid_height, grid_width = config.grid_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "embeddings.cls_token": (1, 1, hidden),
-        "embeddings.position_embeddings": (1, grid_height * grid_width + 1, hidden),
-        "embeddings.patch_embeddings.projection.weight": (hidden, config.num_channels, patch_height, patch_width),
-        "embeddings.patch_embeddings.projection.bias": (hidden,),
-        "layernorm.weight": (hidden,),
-        "layernorm.bias": (hidden,),
-    }
-    for i in range(config.num_hidden_layers):
-        layer = f"layers.{i}"
-        shapes |= {
-            f"{layer}.norm1.weight": (hidden,),
-            f"{layer}.norm1.bias": (hidden,),
-            f"{layer}.attention.qkv.weight": (3 * hidden, hidden),
-            f"{layer}.attention.proj.weight": (hidden, hidden),
-            f"{layer}.attention.proj.bias": (hidden,),
-            f"{layer}.norm2.weight": (hidden,),
-            f"{layer}.norm2.bias": (hidden,),
-            f"{layer}.mlp.fc1.weight": (mlp, hidden),
-            f"{layer}.mlp.fc1.bias": (mlp,),
-            f"{layer}.mlp.fc2.weight": (hidden, mlp),
-            f"{layer}.mlp.fc2.bias": (hidden,),
-        }
-        if config.qkv_bias:
-            shapes[f"{layer}.attention.qkv.bias"] = (3 * hidden,)
-    if not with_head:
-        return shapes
-    shapes = {f"vit.{key}": shape for key, shape in shapes.items()}
-    shapes |= {"classifier.weight": (config.num_labels, hidden), "classifier.bias": (config.num_labels,)}
-    return shapes
+    """Shape of every parameter of `ViTCustomModel` (or `ViTCustomForImageClassification` when `with_head`).
+
+    Read off the model itself, built on the meta device (no memory, no initialisation), so that every knob the model
+    has is covered without a second description of its layout here.
+    """
+    with torch.device("meta"):
+        model = ViTCustomForImageClassification(config) if with_head else ViTCustomModel(config)
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
 def _check_keys(source: str, keys: Iterable[str], required: Iterable[str], optional: Iterable[str] = ()) -> None:
@@ -169,24 +142,25 @@ def _square_grid(num_positions: int, patch_size: tuple[int, int], source: str) -
 
 
 def resample_position_embeddings(
-    position_embeddings: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+    position_embeddings: torch.Tensor,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
 ) -> torch.Tensor:
-    """Resample `(1, 1 + old_h * old_w, D)` position embeddings to a `new_h` x `new_w` grid (bicubic).
+    """Resample `(1, prefix + old_h * old_w, D)` position embeddings to a `new_h` x `new_w` grid (bicubic).
 
-    Calls `ViTCustomEmbeddings.interpolate_pos_encoding` itself (it reads only `grid_size` and
-    `position_embeddings`), so a converted model at the new size computes exactly what the source model computes
-    at that size with `interpolate_pos_encoding=True`. The class token's embedding is kept as it is.
+    Uses the model's own `resample_patch_positions`, so a converted model at the new size computes exactly what the
+    source model computes at that size with `interpolate_pos_encoding=True`. The prefix tokens' embeddings are kept.
     """
     old_grid, new_grid = to_pair(tuple(old_grid)), to_pair(tuple(new_grid))
-    expected = old_grid[0] * old_grid[1] + 1
+    expected = num_prefix_tokens + old_grid[0] * old_grid[1]
     if position_embeddings.ndim != 3 or position_embeddings.shape[:2] != (1, expected):
         raise ValueError(
-            f"Position embeddings of shape {tuple(position_embeddings.shape)} do not fit a {old_grid} grid plus the "
-            f"class token: expected (1, {expected}, D)."
+            f"Position embeddings of shape {tuple(position_embeddings.shape)} do not fit a {old_grid} grid plus "
+            f"{num_prefix_tokens} prefix token(s): expected (1, {expected}, D)."
         )
-    embeddings = SimpleNamespace(grid_size=old_grid, position_embeddings=position_embeddings)
     with torch.no_grad():
-        return ViTCustomEmbeddings.interpolate_pos_encoding(embeddings, *new_grid).clone()
+        return resample_patch_positions(position_embeddings, num_prefix_tokens, old_grid, new_grid).clone()
 
 
 def resize_state_dict(
@@ -196,7 +170,9 @@ def resize_state_dict(
     new_config = ViTCustomConfig(**{**config.to_dict(), "image_size": image_size})
     key = next(key for key in state_dict if key.endswith("embeddings.position_embeddings"))
     new_state_dict = dict(state_dict)
-    new_state_dict[key] = resample_position_embeddings(state_dict[key], config.grid_size, new_config.grid_size)
+    new_state_dict[key] = resample_position_embeddings(
+        state_dict[key], config.grid_size, new_config.grid_size, config.num_prefix_tokens
+    )
     return new_config, new_state_dict
 
 

@@ -32,6 +32,7 @@ from transformers import (
 
 from .configuration_vit_custom import to_pair
 from .data import ImageClassificationTransform, default_image_processor
+from .modeling_vit_custom import pool
 
 logger = logging.getLogger(__name__)
 
@@ -108,32 +109,31 @@ def attention_rollout(
     return rollout
 
 
-def class_token_attention(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+def class_token_attention(attentions: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tensor:
     """The last layer's attention from the class token (index 0) to the patch tokens, head by head.
 
     Returns:
         (batch, heads, grid_height * grid_width), patches in row-major order as the patch embedding flattens them.
     """
-    return pooled_rows(attentions[-1], pooling="cls")
+    return pooled_rows(attentions[-1], pooling="cls", num_prefix_tokens=num_prefix_tokens)
 
 
-def pooled_rows(attention: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+def pooled_rows(attention: torch.Tensor, pooling: str = "cls", num_prefix_tokens: int = 1) -> torch.Tensor:
     """The rows of a token-to-token matrix that the pooled representation is made of, over the patch columns.
 
-    With `pooling="cls"` that is the class token's row; with `pooling="mean"` the classifier never reads the class
-    token, so its row would show attention that does not reach the prediction, and the mean of the patch rows is
-    taken instead.
+    The rows are pooled exactly as the model pools its tokens (`modeling_vit_custom.pool`): with `pooling="cls"` the
+    class token's row; with `pooling="mean"` the classifier never reads the class token, so its row would show
+    attention that does not reach the prediction, and the mean of the patch rows is taken instead.
 
     Args:
         attention: (..., tokens, tokens), e.g. a rollout (batch, tokens, tokens) or one layer (batch, heads, ...).
         pooling: `config.pooling`, "cls" or "mean".
+        num_prefix_tokens: `config.num_prefix_tokens`, the tokens in front of the patches.
 
     Returns:
-        (..., tokens - 1), one weight per patch.
+        (..., tokens - num_prefix_tokens), one weight per patch.
     """
-    if pooling == "mean":
-        return attention[..., 1:, 1:].mean(dim=-2)
-    return attention[..., 0, 1:]
+    return pool(attention, pooling, num_prefix_tokens)[..., num_prefix_tokens:]
 
 
 def patch_map_to_image(
@@ -195,14 +195,20 @@ def compute_attention_maps(
         model.train(was_training)
     attentions = [layer_attention.cpu() for layer_attention in outputs.attentions]
     image_size = tuple(pixel_values.shape[-2:])
+    # transformers' own ViT has neither field: it pools its one class token.
     pooling = getattr(model.config, "pooling", "cls")
+    num_prefix_tokens = getattr(model.config, "num_prefix_tokens", 1)
     rollout = attention_rollout(attentions, discard_ratio=discard_ratio, head_fusion=head_fusion)
     last_layer = attentions[-1].float()  # (batch, heads, tokens, tokens)
     logits = getattr(outputs, "logits", None)
     logits = None if logits is None else logits.float().cpu()
     return AttentionMaps(
-        rollout=patch_map_to_image(pooled_rows(rollout, pooling), image_size, model.config.patch_size),
-        heads=patch_map_to_image(pooled_rows(last_layer, pooling), image_size, model.config.patch_size),
+        rollout=patch_map_to_image(
+            pooled_rows(rollout, pooling, num_prefix_tokens), image_size, model.config.patch_size
+        ),
+        heads=patch_map_to_image(
+            pooled_rows(last_layer, pooling, num_prefix_tokens), image_size, model.config.patch_size
+        ),
         logits=logits,
         predictions=None if logits is None else logits.argmax(dim=-1),
     )

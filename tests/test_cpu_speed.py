@@ -1,15 +1,17 @@
-"""The CPU fast paths: oneDNN fused linears for inference, matmul attention for training, bf16 residual sums."""
+"""`optimize_for_cpu`: oneDNN fused linears for bf16 inference, matmul attention for training, bf16 residual sums."""
+
+import copy
 
 import pytest
 import torch
 from conftest import tiny_config_kwargs
 from transformers.activations import ACT2FN
 
-from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, ViTCustomForMaskedImageModeling
-from hf_vit_custom import modeling_vit_custom as modeling
-from hf_vit_custom.modeling_vit_custom import eager_attention_forward, fused_linear_applies, linear_forward
+from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, ViTCustomForMaskedImageModeling, cpu_speed
+from hf_vit_custom.cpu_speed import CPU_SDPA, ONEDNN_BF16_LINEAR, OneDNNLinear, as_onednn_linear, optimize_for_cpu
+from hf_vit_custom.modeling_vit_custom import eager_attention_forward
 
-needs_onednn_bf16 = pytest.mark.skipif(not modeling.ONEDNN_BF16_LINEAR, reason="no oneDNN bf16 linear on this CPU")
+needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16_LINEAR, reason="no oneDNN bf16 linear on this CPU")
 # bf16 keeps 8 significant bits: one rounding of a value is up to 2^-8 of it, a few in a row add up.
 BF16_RELATIVE_TOLERANCE = 2**-5
 
@@ -29,88 +31,104 @@ def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=BF16_RELATIVE_TOLERANCE * scale)
 
 
+def onednn_linear(in_features=8, out_features=8, bias=True, hidden_act=None) -> OneDNNLinear:
+    linear = torch.nn.Linear(in_features, out_features, bias=bias).eval()
+    as_onednn_linear(linear, ACT2FN[hidden_act] if hidden_act else None, hidden_act)
+    return linear
+
+
+def test_optimized_model_keeps_its_parameters_outputs_and_saved_files(tmp_path):
+    model = build()
+    plain = copy.deepcopy(model)
+    assert optimize_for_cpu(model) is model
+    optimize_for_cpu(model)  # a second call changes nothing
+    assert model.config._attn_implementation == CPU_SDPA
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images()).logits, plain(images()).logits, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = ViTCustomForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "sdpa"  # the CPU choice is not saved with the model
+    assert all(type(module) is not OneDNNLinear for module in reloaded.modules())
+
+
 @needs_onednn_bf16
 @pytest.mark.parametrize("hidden_act", [None, "gelu", "gelu_pytorch_tanh", "relu", "silu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(7, 64), (3, 5, 64)])
 def test_fused_linear_under_autocast_computes_linear_then_activation_in_bf16(hidden_act, bias, shape):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96, bias=bias).eval()
+    linear = onednn_linear(64, 96, bias=bias, hidden_act=hidden_act)
     activation = ACT2FN[hidden_act] if hidden_act else None
     inputs = torch.randn(shape)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fused_linear_applies(linear, inputs)
-        fused = linear_forward(linear, inputs, activation, hidden_act)
-        expected = linear(inputs) if activation is None else activation(linear(inputs))  # autocast's own bf16 linear
+        assert linear.fuses(inputs)
+        fused = linear(inputs)
+        plain = torch.nn.functional.linear(inputs, linear.weight, linear.bias)  # autocast's own bf16 linear
+        expected = plain if activation is None else activation(plain)
     assert fused.dtype == expected.dtype == torch.bfloat16
     assert_bf16_close(fused, expected)
 
 
 @needs_onednn_bf16
 def test_the_fused_path_is_only_taken_for_bf16_inference():
-    linear = torch.nn.Linear(8, 8)
+    linear = onednn_linear()
     inputs = torch.randn(2, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_linear_applies(linear, inputs)  # training mode
+        assert not linear.train().fuses(inputs)  # training mode
         linear.eval()
-        assert not fused_linear_applies(linear, inputs)  # the weight requires a gradient
+        assert not linear.fuses(inputs)  # the weight requires a gradient
         with torch.no_grad():
-            assert fused_linear_applies(linear, inputs)
+            assert linear.fuses(inputs)
         linear.requires_grad_(False)
-        assert fused_linear_applies(linear, inputs)  # a frozen layer records nothing either
-        assert not fused_linear_applies(linear, inputs.clone().requires_grad_())
+        assert linear.fuses(inputs)  # a frozen layer records nothing either
+        assert not linear.fuses(inputs.clone().requires_grad_())
     with torch.no_grad():
-        assert not fused_linear_applies(linear, inputs)  # fp32: MKL's matmul
-        assert fused_linear_applies(linear, inputs.to(torch.bfloat16))  # a bf16 model
-        assert not fused_linear_applies(linear, inputs.to(torch.float16))  # no fp16 oneDNN path
+        assert not linear.fuses(inputs)  # fp32: MKL's matmul
+        assert linear.fuses(inputs.to(torch.bfloat16))  # a bf16 model
+        assert not linear.fuses(inputs.to(torch.float16))  # no fp16 oneDNN path
 
 
 @needs_onednn_bf16
-def test_wrapped_or_hooked_modules_are_called_not_bypassed():
-    """PEFT and quantisers swap in subclasses; accelerate's offloading patches `forward`; users add hooks."""
-    inputs = torch.randn(2, 8)
+def test_hooks_still_run_and_wrapped_modules_are_left_alone():
+    """Users add hooks (accelerate's offloading too): a swapped linear is still called through them. PEFT and
+    quantisers install subclasses of `nn.Linear`: those are not swapped."""
 
     class Subclass(torch.nn.Linear):
         pass
 
-    hooked, patched, subclassed = torch.nn.Linear(8, 8).eval(), torch.nn.Linear(8, 8).eval(), Subclass(8, 8).eval()
-    calls = []
-    hooked.register_forward_hook(lambda module, args, output: calls.append("hook"))
-    patched.forward = lambda hidden_states: calls.append("patched") or torch.zeros(2, 8)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fused_linear_applies(torch.nn.Linear(8, 8).eval(), inputs)
-        for module in (hooked, patched, subclassed):
-            assert not fused_linear_applies(module, inputs)
-            linear_forward(module, inputs)
-    assert calls == ["hook", "patched"]
-
     model = build()
-    model.vit.embeddings.patch_embeddings.projection.register_forward_hook(
-        lambda module, args, output: calls.append("patch embedding hook")
-    )
-    model(images())
-    assert calls[-1] == "patch embedding hook"
+    model.vit.layers[1].attention.qkv = Subclass(32, 96)
+    calls = []
+    model.vit.layers[0].attention.qkv.register_forward_hook(lambda module, args, output: calls.append("hook"))
+    optimize_for_cpu(model)
+    assert type(model.vit.layers[0].attention.qkv) is OneDNNLinear
+    assert type(model.vit.layers[1].attention.qkv) is Subclass
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images())
+    assert calls == ["hook"]
 
 
 @needs_onednn_bf16
-def test_an_optimiser_step_that_leaves_version_counters_alone_shows_in_the_next_evaluation(monkeypatch):
+def test_an_optimiser_step_that_leaves_version_counters_alone_shows_in_the_next_evaluation():
     """Fused AdamW (Trainer's default) updates weights without bumping their version counters (torch 2.13): this
     guards against caching packed weights keyed on those counters, which served the old weights here."""
-    model = build()
+    model = optimize_for_cpu(build())
     pixels = images()
 
-    def evaluate(fused: bool) -> torch.Tensor:
-        monkeypatch.setattr(modeling, "ONEDNN_BF16_LINEAR", fused)
+    def evaluate(evaluated) -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return model.eval()(pixels).logits.float()
+            return evaluated.eval()(pixels).logits.float()
 
-    before = evaluate(fused=True)
+    before = evaluate(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     model.train()(pixels, labels=torch.tensor([0, 1])).loss.backward()
     optimizer.step()
-    after, plain = evaluate(fused=True), evaluate(fused=False)
+    plain = build()
+    plain.load_state_dict(model.state_dict())
+    after = evaluate(model)
     assert (after - before).abs().max() > 0.1
-    assert_bf16_close(after, plain)
+    assert_bf16_close(after, evaluate(plain))
 
 
 def test_sdpa_trains_through_the_matmul_attention_on_the_cpu(monkeypatch):
@@ -120,8 +138,8 @@ def test_sdpa_trains_through_the_matmul_attention_on_the_cpu(monkeypatch):
         calls.append(torch.is_grad_enabled())
         return eager_attention_forward(*args, **kwargs)
 
-    monkeypatch.setattr(modeling, "eager_attention_forward", counting_eager)
-    model = build().train()
+    monkeypatch.setattr(cpu_speed, "eager_attention_forward", counting_eager)
+    model = optimize_for_cpu(build()).train()
     model(images(), labels=torch.tensor([0, 1])).loss.backward()
     assert calls == [True, True]  # both layers
     model.eval()(images(), labels=torch.tensor([0, 1])).loss.backward()
@@ -132,6 +150,13 @@ def test_sdpa_trains_through_the_matmul_attention_on_the_cpu(monkeypatch):
     model.train().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     model(images().requires_grad_(), labels=torch.tensor([0, 1])).loss.backward()
     assert calls == [False, False, True, True]
+
+
+def test_the_plain_model_trains_through_the_configured_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_speed, "eager_attention_forward", lambda *args, **kwargs: calls.append(1))
+    build().train()(images(), labels=torch.tensor([0, 1])).loss.backward()
+    assert calls == []  # without `optimize_for_cpu`, SDPA is SDPA
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,6 +193,7 @@ def test_cpu_autocast_inference_stays_within_bf16_tolerance_of_fp32(qkv_bias):
     pixels = images(batch=4)
     with torch.no_grad():
         expected = model(pixels, output_hidden_states=True)
+        optimize_for_cpu(model)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             actual = model(pixels, output_hidden_states=True)
     assert actual.hidden_states[1].dtype == torch.bfloat16  # the residual sums run in bf16
@@ -190,6 +216,8 @@ def test_mae_under_cpu_autocast_inference_stays_within_bf16_tolerance_of_fp32():
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = model(images(), noise=noise)
+        optimize_for_cpu(model)
+        assert model.decoder.config._attn_implementation == CPU_SDPA
         with torch.autocast("cpu", dtype=torch.bfloat16):
             actual = model(images(), noise=noise)
     assert_bf16_close(actual.logits, expected.logits)
@@ -197,7 +225,7 @@ def test_mae_under_cpu_autocast_inference_stays_within_bf16_tolerance_of_fp32():
 
 
 def test_cpu_autocast_training_keeps_fp32_residual_sums():
-    model = build().train()
+    model = optimize_for_cpu(build()).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images(), output_hidden_states=True)
     assert all(state.dtype == torch.float32 for state in outputs.hidden_states)
