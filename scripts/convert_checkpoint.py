@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,7 @@ from hf_vit_custom.conversion import (
     convert_from_transformers,
     resize_state_dict,
 )
+from hf_vit_custom.persistence import write_folder_atomically
 
 logger = logging.getLogger("convert_checkpoint")
 
@@ -116,27 +114,6 @@ def convert(args: argparse.Namespace):
     return config, state_dict, processor_kwargs
 
 
-def write_atomically(out: Path, write, overwrite: bool) -> None:
-    """Call `write(folder)` on a temporary folder beside `out`, then move it to `out` (only on success)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SystemExit(f"{out} exists and is not empty; pass --overwrite to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
-    try:
-        write(staging)
-        if out.exists():
-            # Move the old folder aside first: os.replace cannot replace a non-empty directory.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def main(argv=None) -> Path:
     args = parse_args(argv)
     out = Path(args.out)
@@ -153,7 +130,10 @@ def main(argv=None) -> Path:
             if not torch.equal(reloaded.state_dict()[key], value):
                 raise RuntimeError(f"{key} changed when saved and reloaded.")
 
-    write_atomically(out, write, args.overwrite)
+    try:
+        write_folder_atomically(out, write, overwrite=args.overwrite)
+    except FileExistsError as error:
+        raise SystemExit(f"{error}; pass --overwrite to replace it.") from None
     logger.info("Wrote %s (%s) to %s.", type(model).__name__, args.source_format, out)
     if args.push_to_hub:
         model.push_to_hub(args.push_to_hub)

@@ -6,9 +6,9 @@ reconstruction loss on the validation and test splits and saves the model and im
 
     python scripts/train.py --model_name_or_path outputs/vit-digits-mae
 
-`--train_dir` pre-trains on an image folder instead, `--mask_ratio` changes the share of hidden patches, and every
-`TrainingArguments` flag works (`--help` lists them); a single `.json` or `.yaml` argument is read as a file of
-arguments.
+`--train_dir` pre-trains on an image folder instead, `--config_overrides mask_ratio=0.6` changes the share of hidden
+patches, and every `TrainingArguments` flag works (`--help` lists them); a single `.json` or `.yaml` argument is read as
+a file of arguments.
 """
 
 from hf_vit_custom.pretraining import PretrainingArguments, pretrain, print_pretraining_results

@@ -1,15 +1,17 @@
 """Train a ViT image classifier with a plain Accelerate loop (`hf_vit_custom.accelerate_loop`).
 
-The same model, data, optimiser groups and metrics as `scripts/train.py`, trained by a loop written out with
-`accelerate`. With no arguments it trains on the bundled 8x8 digits and saves to `outputs/vit-digits-accelerate`;
-`--help` lists the options, and a single `.json` or `.yaml` argument is read as a file of arguments. Several processes:
+The same model, data, optimiser, metrics and flags (`TrainingArguments`, as in `scripts/train.py`) as the Trainer
+script, trained by a loop written out with `accelerate`. With no arguments it trains on the bundled 8x8 digits and
+saves to `outputs/vit-digits-accelerate`; `--help` lists the options, and a single `.json` or `.yaml` argument is
+read as a file of arguments. Several processes:
 
     torchrun --nproc_per_node 2 scripts/train_accelerate.py
     accelerate launch --config_file scripts/configs/ddp.yaml scripts/train_accelerate.py
     accelerate launch --config_file scripts/configs/fsdp.yaml scripts/train_accelerate.py
 
 On a machine without GPUs use `torchrun`: `accelerate launch --cpu --num_processes 2` starts a single process.
-Resume an interrupted run with `--resume_from_checkpoint latest` (needs `--checkpointing_steps`).
+Resume an interrupted run with `--resume_from_checkpoint latest` (a checkpoint is saved every epoch by default;
+`--save_strategy steps --save_steps N` saves every N optimiser steps).
 """
 
 import logging
@@ -17,7 +19,7 @@ import os
 import sys
 
 from hf_vit_custom.accelerate_loop import AccelerateArguments, train_with_accelerate
-from hf_vit_custom.checkpointing import TrainingInterrupted
+from hf_vit_custom.persistence import TrainingInterrupted
 from hf_vit_custom.training import DataArguments, ModelArguments, parse_arguments, print_results
 
 

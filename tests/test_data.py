@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 
 from hf_vit_custom.data import (
     ImageClassificationTransform,
+    PerExampleSeededDataset,
     build_datasets,
     collate_fn,
     default_image_processor,
@@ -393,26 +393,43 @@ def test_eval_transform_shapes_dtypes_and_determinism(digits, num_channels):
 
 def test_three_channel_transform_on_image_folder_of_mixed_sizes(tmp_path):
     dataset = load_image_folder(make_image_folder(tmp_path / "train"), validation_size=0.5, cache_dir=tmp_path / "c")
-    transform = ImageClassificationTransform(default_image_processor(16, 3), num_channels=3, train=True, seed=0)
+    transform = ImageClassificationTransform(default_image_processor(16, 3), num_channels=3, train=True)
     output = transform(dataset["train"][:5])
     assert output["pixel_values"].shape == (5, 3, 16, 16)
     assert output["labels"].shape == (5,)
 
 
-def test_train_transform_is_seeded_and_augments(digits):
+def test_train_transform_is_seeded_per_example_and_augments(digits):
     processor = default_image_processor(16, 1)
     batch = digits["train"][:8]
-    first = ImageClassificationTransform(processor, num_channels=1, train=True, seed=123)(batch)["pixel_values"]
-    second = ImageClassificationTransform(processor, num_channels=1, train=True, seed=123)(batch)["pixel_values"]
-    other = ImageClassificationTransform(processor, num_channels=1, train=True, seed=124)(batch)["pixel_values"]
+    transform = ImageClassificationTransform(processor, num_channels=1, train=True)
+    first = transform(batch, example_seeds=list(range(8)))["pixel_values"]
+    second = transform(batch, example_seeds=list(range(8)))["pixel_values"]
+    other = transform(batch, example_seeds=list(range(1, 9)))["pixel_values"]
     plain = ImageClassificationTransform(processor, num_channels=1, train=False)(batch)["pixel_values"]
     assert first.shape == plain.shape == (8, 1, 16, 16)
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
     assert not torch.equal(first, plain)
-    # The same transform draws new crops on the next call (next epoch).
-    transform = ImageClassificationTransform(processor, num_channels=1, train=True, seed=123)
+    # Without seeds it draws from the global generator: new crops on every call (every epoch).
     assert not torch.equal(transform(batch)["pixel_values"], transform(batch)["pixel_values"])
+
+
+def test_per_example_seeds_give_the_same_crops_with_any_worker_count_and_new_ones_each_epoch(digits):
+    dataset = PerExampleSeededDataset(
+        digits["train"].select(range(8)),
+        ImageClassificationTransform(default_image_processor(16, 1), num_channels=1, train=True),
+        seed=5,
+    )
+
+    def crops(num_workers: int) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=collate_fn)
+        return torch.cat([batch["pixel_values"] for batch in loader])
+
+    in_process = crops(0)
+    assert torch.equal(crops(2), in_process)  # two workers, each with a copy of the dataset
+    dataset.set_epoch(1)
+    assert not torch.equal(crops(0), in_process)
 
 
 def test_no_flip_unless_enabled():
@@ -422,35 +439,25 @@ def test_no_flip_unless_enabled():
     plain = processor([image], return_tensors="pt")["pixel_values"][0]
     flipped = torch.flip(plain, dims=[-1])
 
-    no_flip = ImageClassificationTransform(processor, train=True, crop_scale=None, horizontal_flip=False, seed=0)
+    torch.manual_seed(0)
+    no_flip = ImageClassificationTransform(processor, train=True, crop_scale=None, horizontal_flip=False)
     for pixel_values in no_flip(batch)["pixel_values"]:
         assert torch.equal(pixel_values, plain)
 
-    flip = ImageClassificationTransform(processor, train=True, crop_scale=None, horizontal_flip=True, seed=0)
+    flip = ImageClassificationTransform(processor, train=True, crop_scale=None, horizontal_flip=True)
     outcomes = [torch.equal(values, flipped) for values in flip(batch)["pixel_values"]]
     assert all(torch.equal(values, flipped) or torch.equal(values, plain) for values in flip(batch)["pixel_values"])
     assert 0 < sum(outcomes) < 16
 
 
 def test_crop_boxes_stay_inside_the_image():
-    transform = ImageClassificationTransform(default_image_processor(16, 3), train=True, seed=0, crop_scale=(0.08, 1.0))
+    transform = ImageClassificationTransform(default_image_processor(16, 3), train=True, crop_scale=(0.08, 1.0))
+    generator = torch.Generator().manual_seed(0)
     for width, height in [(8, 8), (40, 4), (4, 40), (17, 9)]:
         for _ in range(50):
-            top, left, crop_height, crop_width = transform._crop_box(width, height, transform._current_generator())
+            top, left, crop_height, crop_width = transform._crop_box(width, height, generator)
             assert top >= 0 and top + crop_height <= height and crop_height > 0
             assert left >= 0 and left + crop_width <= width and crop_width > 0
-
-
-def test_seeded_transform_differs_between_dataloader_workers(monkeypatch):
-    processor = default_image_processor(16, 1)
-    batch = {"image": [Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))] * 4, "label": [0] * 4}
-    outputs = []
-    for worker_id in (0, 1):
-        worker = SimpleNamespace(id=worker_id, seed=1000 + worker_id)
-        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda worker=worker: worker)
-        transform = ImageClassificationTransform(processor, num_channels=1, train=True, seed=5)
-        outputs.append(transform(batch)["pixel_values"])
-    assert not torch.equal(outputs[0], outputs[1])
 
 
 def test_transform_rejects_mismatched_processor():
@@ -461,7 +468,7 @@ def test_transform_rejects_mismatched_processor():
 
 
 def test_with_transform_and_collate_fn(digits):
-    transform = ImageClassificationTransform(default_image_processor(16, 1), num_channels=1, train=True, seed=0)
+    transform = ImageClassificationTransform(default_image_processor(16, 1), num_channels=1, train=True)
     transformed = digits["validation"].with_transform(transform)
     example = transformed[0]
     assert example["pixel_values"].shape == (1, 16, 16)

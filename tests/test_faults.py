@@ -21,7 +21,7 @@ from conftest import REPO, TINY_OVERRIDES, run_bounded, small_run_args, tiny_con
 from safetensors.torch import load_file
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
-from hf_vit_custom.checkpointing import OutputFolderError
+from hf_vit_custom.persistence import OutputFolderError
 from hf_vit_custom.training import DataArguments, ModelArguments, ViTTrainingArguments, parse_arguments, train
 
 SCRIPTS = {"trainer": REPO / "scripts" / "train.py", "accelerate": REPO / "scripts" / "train_accelerate.py"}
@@ -30,9 +30,10 @@ DRIVER = REPO / "tests" / "fault_driver.py"
 CHECKPOINT_EVERY = 8
 
 
-def run_args(script: str, output_dir: Path) -> list[str]:
-    """A short run with crops, dropout and stochastic depth on, so that every random draw must be restored."""
-    common = [
+def run_args(output_dir: Path) -> list[str]:
+    """A short run with crops, dropout and stochastic depth on, so that every random draw must be restored; the same
+    flags for both scripts."""
+    return [
         *small_run_args(output_dir),
         "--config_overrides",
         f"{TINY_OVERRIDES},hidden_dropout_prob=0.1,drop_path_rate=0.1",
@@ -44,10 +45,13 @@ def run_args(script: str, output_dir: Path) -> list[str]:
         "0",
         "--disable_tqdm",
         "true",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        str(CHECKPOINT_EVERY),
+        "--save_total_limit",
+        "5",
     ]
-    if script == "trainer":
-        return [*common, "--save_strategy", "steps", "--save_steps", str(CHECKPOINT_EVERY), "--save_total_limit", "5"]
-    return [*common, "--checkpointing_steps", str(CHECKPOINT_EVERY)]
 
 
 def checkpoint(script: str, output_dir: Path, step: int) -> Path:
@@ -64,7 +68,7 @@ def is_complete(script: str, folder: Path) -> bool:
 
 
 def train_script(script: str, output_dir: Path, *extra: str, returncode: int | None = 0) -> str:
-    return run_bounded([sys.executable, str(SCRIPTS[script]), *run_args(script, output_dir), *extra], 300, returncode)
+    return run_bounded([sys.executable, str(SCRIPTS[script]), *run_args(output_dir), *extra], 300, returncode)
 
 
 def drive(*args: str, returncode: int | None) -> str:
@@ -105,7 +109,7 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("script", ["trainer", "accelerate"])
 def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path, script, uninterrupted):
-    command = [sys.executable, str(SCRIPTS[script]), *run_args(script, tmp_path)]
+    command = [sys.executable, str(SCRIPTS[script]), *run_args(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -127,7 +131,7 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_resume_sk
     tmp_path, script, uninterrupted
 ):
     step = 2 * CHECKPOINT_EVERY
-    drive("kill", str(step), str(SCRIPTS[script]), *run_args(script, tmp_path), returncode=-signal.SIGKILL)
+    drive("kill", str(step), str(SCRIPTS[script]), *run_args(tmp_path), returncode=-signal.SIGKILL)
     previous, broken = checkpoint(script, tmp_path, CHECKPOINT_EVERY), checkpoint(script, tmp_path, step)
     assert is_complete(script, previous)
     if script == "trainer":
@@ -151,7 +155,7 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_resume_sk
 @pytest.mark.parametrize("script", ["trainer", "accelerate"])
 def test_ctrl_c_while_a_checkpoint_is_written_leaves_nothing_half_written_and_says_how_to_resume(tmp_path, script):
     step = 2 * CHECKPOINT_EVERY
-    output = drive("interrupt", str(step), str(SCRIPTS[script]), *run_args(script, tmp_path), returncode=130)
+    output = drive("interrupt", str(step), str(SCRIPTS[script]), *run_args(tmp_path), returncode=130)
     previous = checkpoint(script, tmp_path, CHECKPOINT_EVERY)
     assert f"Training interrupted. The newest complete checkpoint is '{previous}'" in output
     assert "--resume_from_checkpoint latest" in output
@@ -163,7 +167,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_leaves_nothing_half_written_and_sa
 
 
 def test_ctrl_c_between_checkpoints_exits_with_a_message(tmp_path):
-    command = [sys.executable, str(SCRIPTS["trainer"]), *run_args("trainer", tmp_path)]
+    command = [sys.executable, str(SCRIPTS["trainer"]), *run_args(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -215,7 +219,7 @@ def test_unwritable_output_folder_stops_before_training(tmp_path, script):
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    arguments = run_args(script, blocker / "out")
+    arguments = run_args(blocker / "out")
     with pytest.raises(OutputFolderError, match=r"Cannot write to the output folder '.*a-file/out': .*Not a directory"):
         if script == "trainer":
             train(*parse_arguments((ModelArguments, DataArguments, ViTTrainingArguments), arguments))
@@ -226,7 +230,7 @@ def test_unwritable_output_folder_stops_before_training(tmp_path, script):
 
 def test_too_little_free_space_stops_before_training(tmp_path, monkeypatch):
     nearly_full = SimpleNamespace(total=2**30, used=2**30 - 1024, free=1024)
-    monkeypatch.setattr("hf_vit_custom.checkpointing.shutil.disk_usage", lambda path: nearly_full)
+    monkeypatch.setattr("hf_vit_custom.persistence.shutil.disk_usage", lambda path: nearly_full)
     with pytest.raises(OutputFolderError, match=r"Only 0.0 MiB free in .* need about"):
-        train(*parse_arguments((ModelArguments, DataArguments, ViTTrainingArguments), run_args("trainer", tmp_path)))
+        train(*parse_arguments((ModelArguments, DataArguments, ViTTrainingArguments), run_args(tmp_path)))
     assert not list(tmp_path.glob("checkpoint-*"))

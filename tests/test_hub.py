@@ -268,11 +268,10 @@ def test_cli_pushes_an_old_save_completed_for_trust_remote_code(hub, tmp_path, c
     files = repo.commits[repo.branches["dev"]]
     assert repo.private and {"modeling_vit_custom.py", "configuration_vit_custom.py", "README.md"} <= set(files)
     assert 'from_pretrained("test-user/cli"' in files["README.md"].decode()  # the namespace was filled in
-    assert set(json.loads(files["config.json"])["auto_map"]) == {
+    assert set(json.loads(files["config.json"])["auto_map"]) == {  # what a classifier's own save writes
         "AutoConfig",
         "AutoModel",
         "AutoModelForImageClassification",
-        "AutoModelForMaskedImageModeling",
     }
     assert snapshot(folder) == before
     assert script.main([str(tmp_path / "nowhere"), "--repo_id", "test-user/cli"]) == 1
@@ -342,3 +341,24 @@ def test_a_token_on_the_command_line_is_refused():
     with pytest.raises(ValueError, match="HF_TOKEN") as error:
         ViTTrainingArguments(output_dir="unused", hub_token=TOKEN)
     assert TOKEN not in str(error.value)
+
+
+def test_an_old_masked_autoencoder_save_is_completed_with_its_own_code_file(hub, tmp_path):
+    folder = tmp_path / "mae"
+    config = hf_vit_custom.ViTCustomConfig(
+        **tiny_config_kwargs(decoder_hidden_size=16, decoder_num_attention_heads=2, decoder_num_hidden_layers=1)
+    )
+    hf_vit_custom.ViTCustomForMaskedImageModeling(config).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    del saved["auto_map"]
+    (folder / "config.json").write_text(json.dumps(saved))
+    for path in folder.glob("*.py"):
+        path.unlink()
+    before = snapshot(folder)
+    push_model_folder(folder, "test-user/mae")
+    repo = hub.repos["test-user/mae"]
+    files = repo.commits[repo.branches["main"]]
+    assert {"configuration_vit_custom.py", "modeling_vit_custom.py", "modeling_vit_custom_mae.py"} <= set(files)
+    auto_map = json.loads(files["config.json"])["auto_map"]
+    assert auto_map["AutoModelForMaskedImageModeling"] == "modeling_vit_custom_mae.ViTCustomForMaskedImageModeling"
+    assert snapshot(folder) == before

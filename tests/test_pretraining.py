@@ -15,14 +15,15 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, AutoModelForMaskedImageModeling
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, ViTCustomForMaskedImageModeling
-from hf_vit_custom.modeling_vit_custom import ViTCustomMaskedImageModelingOutput, patchify, unpatchify
-from hf_vit_custom.pretraining import (
-    DIGITS_DECODER_CONFIG,
-    PretrainingArguments,
-    pretrain,
-    pretraining_config_kwargs,
+from hf_vit_custom.modeling_vit_custom_mae import ViTCustomMaskedImageModelingOutput, patchify, unpatchify
+from hf_vit_custom.pretraining import PretrainingArguments, pretrain
+from hf_vit_custom.training import (
+    DataArguments,
+    ModelArguments,
+    decay_parameter_names,
+    parse_arguments,
+    resolve_config,
 )
-from hf_vit_custom.training import DataArguments, ModelArguments, decay_parameter_names, parse_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 FP32_TOLERANCE = 1e-5  # different summation orders of the same fp32 maths
@@ -160,7 +161,7 @@ def test_save_and_reload_through_auto_class_is_exact(tmp_path):
     model = build()
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModelForMaskedImageModeling"] == (
-        "modeling_vit_custom.ViTCustomForMaskedImageModeling"
+        "modeling_vit_custom_mae.ViTCustomForMaskedImageModeling"
     )
     reloaded = AutoModelForMaskedImageModeling.from_pretrained(tmp_path, attn_implementation="sdpa")
     assert type(reloaded) is ViTCustomForMaskedImageModeling
@@ -212,17 +213,27 @@ def test_a_mask_ratio_that_hides_every_patch_raises_at_the_forward():
 
 
 def test_trust_remote_code_loading_without_the_package(tmp_path):
-    """A user with only transformers installed loads the pre-trained folder through the copied code files."""
+    """A user with only transformers installed loads the pre-trained folder through the copied code files, with every
+    Auto class (the MAE file imports the base modeling file, which the save copies too)."""
     model = build()
     model.save_pretrained(tmp_path / "model")
+    assert {"configuration_vit_custom.py", "modeling_vit_custom.py", "modeling_vit_custom_mae.py"} <= {
+        path.name for path in (tmp_path / "model").iterdir()
+    }
     torch.save((images(), noise()), tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["hf_vit_custom"] = None  # importing the package now fails: only the saved files can serve
         import torch
-        from transformers import AutoModelForMaskedImageModeling
-        model = AutoModelForMaskedImageModeling.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForMaskedImageModeling
+        folder = {str(tmp_path / "model")!r}
+        assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "ViTCustomConfig"
+        encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        assert type(encoder).__name__ == "ViTCustomModel", type(encoder)
+        classifier = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+        assert type(classifier).__name__ == "ViTCustomForImageClassification", type(classifier)
+        model = AutoModelForMaskedImageModeling.from_pretrained(folder, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         pixels, noise = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
         torch.save(model.eval()(pixels, noise=noise).logits, {str(tmp_path / "logits.pt")!r})
@@ -243,12 +254,17 @@ def parse(args: list[str]):
 
 
 def test_pretraining_defaults_fit_the_digits():
-    model_args, data_args, training_args = parse([])
+    model_args, _, training_args = parse([])
     assert training_args.output_dir == "outputs/vit-digits-mae"
     assert training_args.label_names == ["pixel_values"]  # so that Trainer reports an eval_loss
-    assert pretraining_config_kwargs(model_args, data_args, training_args) == DIGITS_DECODER_CONFIG
-    model_args, data_args, training_args = parse(["--config_name", "vit-tiny-patch16-224", "--mask_ratio", "0.6"])
-    assert pretraining_config_kwargs(model_args, data_args, training_args) == {"mask_ratio": 0.6}
+    digits = resolve_config(model_args, uses_default_data=True)
+    assert (digits.hidden_size, digits.decoder_hidden_size, digits.decoder_num_hidden_layers) == (64, 32, 2)
+    # The masking is a config field like any other: set through the one config path, the old flag is gone.
+    model_args, _, _ = parse(["--config_name", "vit-tiny-patch16-224", "--config_overrides", "mask_ratio=0.6"])
+    tiny = resolve_config(model_args, uses_default_data=True)
+    assert (tiny.mask_ratio, tiny.hidden_size, tiny.decoder_hidden_size) == (0.6, 192, 512)
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--mask_ratio', '0.6'\]"):
+        parse(["--mask_ratio", "0.6"])
 
 
 @pytest.fixture(scope="module")

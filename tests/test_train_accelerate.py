@@ -1,5 +1,5 @@
 """Accelerate path end to end: the library's `train_with_accelerate`, the script under torchrun, accumulation, resuming
-from a mid-epoch checkpoint, bf16 on CPU and the launcher configuration files."""
+from a mid-epoch checkpoint, bf16 on CPU, the model's own evaluation loss and the launcher configuration files."""
 
 import json
 import math
@@ -11,12 +11,16 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, run_bounded, small_run_args
+from accelerate import Accelerator
+from conftest import TINY_OVERRIDES, run_bounded, small_run_args, tiny_config_kwargs
 from safetensors.torch import load_file
+from torch.nn.functional import binary_cross_entropy_with_logits
+from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
-from hf_vit_custom.accelerate_loop import AccelerateArguments, find_latest_checkpoint, train_with_accelerate
+from hf_vit_custom.accelerate_loop import AccelerateArguments, evaluate, train_with_accelerate
+from hf_vit_custom.persistence import ACCELERATE_CHECKPOINTS, newest_complete_checkpoint
 from hf_vit_custom.training import DataArguments, ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +32,7 @@ def quick_args(output_dir, *extra: str) -> list[str]:
     return [
         *small_run_args(output_dir),
         "--disable_tqdm",
+        "true",
         "--num_demo_predictions",
         "0",
         *extra,
@@ -182,7 +187,11 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
         f"{TINY_OVERRIDES},hidden_dropout_prob=0.1,drop_path_rate=0.1",
         "--min_crop_scale",
         "0.6",
-        "--checkpointing_steps",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "5",
+        "--save_total_limit",
         "5",
         "--logging_steps",
         "2",
@@ -196,7 +205,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
 
     # Resume a copy of that checkpoint in a fresh folder; "latest" finds it.
     shutil.copytree(tmp_path / "full" / "step_5", tmp_path / "resumed" / "step_5")
-    assert find_latest_checkpoint(tmp_path / "resumed").name == "step_5"
+    assert newest_complete_checkpoint(tmp_path / "resumed", ACCELERATE_CHECKPOINTS).name == "step_5"
     resumed = train_in_process(tmp_path / "resumed", *resumable, "--resume_from_checkpoint", "latest")
 
     for folder in ("", "step_10", "step_15"):  # the final model and every checkpoint written after the resumption
@@ -218,16 +227,61 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):
     small = ["--max_train_samples", "32", "--max_eval_samples", "32", "--num_train_epochs", "1", "--logging_steps", "1"]
-    bf16 = train_in_process(tmp_path / "bf16", *small, "--mixed_precision", "bf16")
+    bf16 = train_in_process(tmp_path / "bf16", *small, "--bf16", "true")
     losses = [
         entry["loss"] for entry in json.loads((tmp_path / "bf16" / "log_history.json").read_text()) if "loss" in entry
     ]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert math.isfinite(bf16["test_loss"]) and math.isfinite(bf16["train_loss"])
     # Autocast really ran in bf16: the same run in float32 ends close to, but not exactly at, the same weights.
-    train_in_process(tmp_path / "fp32", *small, "--mixed_precision", "no")
+    train_in_process(tmp_path / "fp32", *small)  # neither --bf16 nor a launcher: float32
     assert 0 < weight_difference(tmp_path / "bf16", tmp_path / "fp32") < 1e-2
     assert weights(tmp_path / "bf16")["classifier.weight"].dtype == torch.float32  # master weights stay float32
+
+
+def test_default_checkpoints_every_epoch_keep_the_newest_two_and_resume(tmp_path):
+    # The Trainer script's defaults: save each epoch, keep `save_total_limit` (2). 8 optimiser steps an epoch.
+    full = train_in_process(tmp_path / "full", "--num_train_epochs", "3")
+    assert sorted(path.name for path in (tmp_path / "full").glob("step_*")) == ["step_16", "step_24"]
+    shutil.copytree(tmp_path / "full" / "step_16", tmp_path / "resumed" / "step_16")
+    resumed = train_in_process(tmp_path / "resumed", "--num_train_epochs", "3", "--resume_from_checkpoint", "latest")
+    for name, tensor in weights(tmp_path / "full").items():
+        assert torch.equal(tensor, weights(tmp_path / "resumed")[name]), name
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "test_loss", "test_accuracy"):
+        assert resumed[key] == full[key], key
+
+
+def test_settings_are_the_trainer_scripts_flags():
+    _, _, args = parse(quick_args("out", "--optim", "sgd", "--bf16", "true", "--save_strategy", "steps"))
+    assert (args.optim, args.mixed_precision, args.save_strategy) == ("sgd", "bf16", "steps")
+    _, _, defaults = parse([])
+    assert defaults.output_dir == "outputs/vit-digits-accelerate"
+    assert (defaults.learning_rate, defaults.num_train_epochs, defaults.warmup_steps) == (1e-3, 60, 0.05)
+    with pytest.raises(ValueError, match=r"`num_train_epochs` must be at least 1, got 0"):
+        parse(["--num_train_epochs", "0"])
+    with pytest.raises(ValueError, match=r"`num_train_epochs` must be a whole number"):
+        parse(["--num_train_epochs", "2.5"])
+    with pytest.raises(ValueError, match=r"`save_strategy` must be no, steps or epoch"):
+        parse(["--save_strategy", "best", "--metric_for_best_model", "loss"])
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser"):  # the old loop-only flag
+        parse(["--checkpointing_steps", "5"])
+
+
+def test_evaluation_loss_is_the_models_own_for_multi_label_targets():
+    """Multi-hot float labels, batches of unequal size: the loss is BCE with logits over the whole set."""
+    torch.manual_seed(0)
+    config = ViTCustomConfig(**tiny_config_kwargs(num_labels=4, problem_type="multi_label_classification"))
+    model = ViTCustomForImageClassification(config).eval()
+    pixel_values, labels = torch.randn(10, 3, 16, 16), (torch.rand(10, 4) > 0.5).float()
+    examples = [{"pixel_values": p, "labels": y} for p, y in zip(pixel_values, labels, strict=True)]
+    accelerator = Accelerator(cpu=True)
+    prepared_model, loader = accelerator.prepare(model, DataLoader(examples, batch_size=4))  # batches of 4, 4, 2
+    result = evaluate(prepared_model, loader, accelerator)
+    with torch.no_grad():
+        expected = binary_cross_entropy_with_logits(model(pixel_values).logits, labels)
+    assert result["samples"] == 10
+    assert result["loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert "accuracy" not in result  # accuracy and F1 need class indices
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
@@ -244,7 +298,7 @@ def test_launcher_configs_parse_into_what_accelerate_launch_sets(name):
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), str(SCRIPT)]))
     assert args.num_processes == 8
     env = prepare_multi_gpu_env(args)
-    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"  # reaches the script, whose --mixed_precision is unset
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"  # reaches the script, whose --bf16 is unset
     if name == "ddp":
         assert args.multi_gpu and not args.use_fsdp
         return

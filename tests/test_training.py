@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
+from hf_vit_custom.cpu_speed import CPU_SDPA
 from hf_vit_custom.training import (
     DataArguments,
     ModelArguments,
@@ -21,6 +22,7 @@ from hf_vit_custom.training import (
     ViTTrainingArguments,
     decay_parameter_names,
     optimizer_parameter_groups,
+    prepare_data_and_model,
     train,
 )
 
@@ -143,6 +145,25 @@ def test_fine_tune_a_checkpoint_with_a_new_label_set(tmp_path):
     assert tuned.config.drop_path_rate == 0.1
     assert tuned.classifier.out_features == 3
     assert tuned.config.label2id == {"a": 0, "b": 1, "c": 2}
+
+
+def test_fine_tuning_a_checkpoint_missing_encoder_weights_is_refused(tmp_path):
+    """The loading info the head replacement needs must not hide encoder weights that would stay random."""
+    folder = make_image_folder(tmp_path / "images", classes=("a", "b"))
+    base = ViTCustomForImageClassification(ViTCustomConfig(**tiny_config_kwargs()))
+    state_dict = {key: value for key, value in base.state_dict().items() if not key.startswith("vit.layers.1.")}
+    base.save_pretrained(tmp_path / "base", state_dict=state_dict)
+    args = [*quick_args(tmp_path / "out"), "--train_dir", str(folder), "--model_name_or_path", str(tmp_path / "base")]
+    with pytest.raises(OSError, match="lacks 12 encoder weights"):
+        train(*parse(args))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_training_on_the_cpu_uses_the_cpu_speed_ups(tmp_path):
+    model_args, data_args, training_args = parse(quick_args(tmp_path / "out"))
+    assert training_args.use_cpu  # no accelerator here
+    prepared = prepare_data_and_model(model_args, data_args, training_args)
+    assert prepared.model.config._attn_implementation == CPU_SDPA
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:

@@ -87,13 +87,16 @@ def test_resuming_an_accelerate_checkpoint_with_a_planted_pickle_runs_nothing(tm
         "16",
         "--num_train_epochs",
         "1",
-        "--checkpointing_steps",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
         "1",
         "--report_to",
         "none",
         "--num_demo_predictions",
         "0",
         "--disable_tqdm",
+        "true",
     ]
     parse = lambda extra: parse_arguments((ModelArguments, DataArguments, AccelerateArguments), [*flags, *extra])  # noqa: E731
     train_with_accelerate(*parse([]))

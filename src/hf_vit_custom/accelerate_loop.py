@@ -1,9 +1,11 @@
-"""A plain Accelerate training loop over the same model, data and metrics code as the Trainer path.
+"""A plain Accelerate training loop over the same model, data, metrics and settings as the Trainer path.
 
 `train_with_accelerate` is the Accelerate twin of `hf_vit_custom.training.train`: the data sets, the model, the
-optimiser's weight-decay groups, the metrics and the demo all come from the shared modules; only the loop is written
-out here (`Accelerator.prepare`, `accumulate`, `backward`, `clip_grad_norm_`, `gather_for_metrics`, `save_state` /
-`load_state`, `skip_first_batches`, trackers). Launch it the way Accelerate scripts are launched:
+optimiser (Trainer's own, over the same weight-decay groups), the metrics, the demo and the training settings
+(`ViTTrainingArguments`) all come from the shared modules; only the loop is written out here (`Accelerator.prepare`,
+`accumulate`, `backward`, `clip_grad_norm_`, `gather_for_metrics`, `save_state` / `load_state`,
+`skip_first_batches`, trackers). It reads top to bottom: `_set_up`, `_train_epoch` for each epoch (`evaluate` at its
+end), `_finish`. Launch it the way Accelerate scripts are launched:
 
     python scripts/train_accelerate.py                                          # one process (CPU or one GPU)
     torchrun --nproc_per_node 2 scripts/train_accelerate.py                     # several processes, also on CPU
@@ -20,16 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import torch
-import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -37,22 +37,28 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import BaseImageProcessor, Trainer, get_scheduler
+from transformers.trainer_utils import SaveStrategy
 
-from .checkpointing import (
-    TrainingInterrupted,
-    check_output_folder,
-    interrupted_message,
-    training_footprint,
-    write_checkpoint_atomically,
-)
 from .data import PerExampleSeededDataset, collate_fn
 from .hub import push_model_folder
 from .metrics import ClassificationMetrics
+from .persistence import (
+    ACCELERATE_CHECKPOINTS,
+    TrainingInterrupted,
+    check_output_folder,
+    interrupted_message,
+    newest_complete_checkpoint,
+    prune_checkpoints,
+    resolve_resume_checkpoint,
+    training_footprint,
+    write_folder_atomically,
+)
 from .training import (
     HUB_HYPERPARAMETERS,
     DataArguments,
     ModelArguments,
+    ViTTrainingArguments,
     optimizer_parameter_groups,
     plot_training_curve,
     prepare_data_and_model,
@@ -61,88 +67,47 @@ from .training import (
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "step_"
 LOG_HISTORY_NAME = "log_history.json"
 RESULTS_NAME = "all_results.json"
-PROGRESS_NAME = "training_progress.json"
+PROGRESS_NAME = ACCELERATE_CHECKPOINTS.last_file
 
 
 @dataclass
-class AccelerateArguments:
-    """Options of the Accelerate loop; where they overlap with `ViTTrainingArguments`, the defaults are the same."""
+class AccelerateArguments(ViTTrainingArguments):
+    """`ViTTrainingArguments` for the Accelerate loop: every setting is declared there; only the output folder differs.
 
-    output_dir: str = field(
-        default="outputs/vit-digits-accelerate", metadata={"help": "Where model, checkpoints and logs are written."}
+    The loop reads `seed` (`data_seed`), `num_train_epochs` (whole epochs), the batch sizes,
+    `gradient_accumulation_steps`, `optim` with `learning_rate`, `weight_decay` and the Adam fields (through
+    Trainer's optimiser factory), `lr_scheduler_type`, `lr_scheduler_kwargs`, `warmup_steps`, `max_grad_norm`,
+    `bf16` / `fp16` (else the launcher's precision), `save_strategy` (`no`, `steps` or `epoch`), `save_steps`,
+    `save_total_limit`, `resume_from_checkpoint`, `logging_steps`, `report_to`, `push_to_hub`, `hub_model_id`,
+    `hub_private_repo`, `accelerator_config`'s `use_seedable_sampler`, `dataloader_num_workers`,
+    `dataloader_drop_last`, `disable_tqdm`, `use_cpu` and `num_demo_predictions`; it evaluates after every epoch.
+    """
+
+    output_dir: str | None = field(
+        default="outputs/vit-digits-accelerate", metadata={"help": "Where everything is written."}
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the model's initialisation, the shuffling and the crops."})
-    num_train_epochs: int = field(default=60, metadata={"help": "Passes over the training set."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size per process."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
-    weight_decay: float = field(default=0.05, metadata={"help": "Decoupled weight decay of the weight matrices."})
-    optim: Literal["adamw", "sgd"] = field(
-        default="adamw", metadata={"help": "adamw (torch.optim.AdamW) or sgd (plain SGD, as Trainer's 'sgd')."}
-    )
-    lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "Learning-rate schedule after warm-up (transformers.get_scheduler)."}
-    )
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a share of all steps if < 1."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Batches whose gradients are summed before each optimiser step."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 disables)."})
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
-        default=None,
-        metadata={
-            "help": "no, bf16 or fp16. Unset: whatever `accelerate launch` was told (--mixed_precision or the config "
-            "file), else no."
-        },
-    )
-    checkpointing_steps: int | None = field(
-        default=None, metadata={"help": "Save the whole training state every N optimiser steps to output_dir/step_N."}
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A step_N folder to resume from, or 'latest' for the newest in output_dir."}
-    )
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N optimiser steps."})
-    report_to: Literal["tensorboard", "none"] = field(
-        default="tensorboard", metadata={"help": "Tracker for the logs (written to output_dir/runs), or none."}
-    )
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model and processor to the Hub."})
-    hub_model_id: str | None = field(
-        default=None, metadata={"help": "Hub repository for --push_to_hub; defaults to output_dir's name."}
-    )
-    num_demo_predictions: int = field(
-        default=8,
-        metadata={
-            "help": "Test images classified by the reloaded model and drawn over their attention maps (0 to skip)."
-        },
-    )
-    use_seedable_sampler: bool = field(
-        default=True,
-        metadata={
-            "help": "Shuffle with Accelerate's seedable sampler (seed + epoch), which resuming restores exactly; off, "
-            "the order after a resumption differs."
-        },
-    )
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
-    dataloader_drop_last: bool = field(default=False, metadata={"help": "Drop the last incomplete training batch."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.num_train_epochs != int(self.num_train_epochs):
+            raise ValueError(
+                f"`num_train_epochs` must be a whole number in the Accelerate loop, got {self.num_train_epochs}."
+            )
         if self.gradient_accumulation_steps < 1:
             raise ValueError(
                 f"`gradient_accumulation_steps` must be at least 1, got {self.gradient_accumulation_steps}."
             )
-        if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
-            raise ValueError(f"`checkpointing_steps` must be at least 1, got {self.checkpointing_steps}.")
-        if self.logging_steps < 1:
-            raise ValueError(f"`logging_steps` must be at least 1, got {self.logging_steps}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must not be negative, got {self.warmup_steps}.")
+        if self.max_steps > 0:
+            raise ValueError("The Accelerate loop trains whole epochs: set `num_train_epochs`, not `max_steps`.")
+        if self.save_strategy not in (SaveStrategy.NO, SaveStrategy.STEPS, SaveStrategy.EPOCH):
+            raise ValueError(
+                f"`save_strategy` must be no, steps or epoch in the Accelerate loop, got {self.save_strategy}."
+            )
 
 
 class TrainingProgress:
@@ -166,63 +131,76 @@ class TrainingProgress:
         (folder / PROGRESS_NAME).write_text(json.dumps(vars(self), indent=2) + "\n")
 
     def load(self, folder: Path) -> None:
-        path = folder / PROGRESS_NAME
-        if not path.is_file():
-            raise ValueError(f"{str(folder)!r} is not a checkpoint of this loop: it has no {PROGRESS_NAME}.")
-        vars(self).update(json.loads(path.read_text()))
+        vars(self).update(json.loads((folder / PROGRESS_NAME).read_text()))
 
 
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path:
-    """The `step_N` folder with the largest N in `output_dir` (written atomically, so complete)."""
-    pattern = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
-    found = [
-        (int(match.group(1)), path)
-        for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-        if path.is_dir() and (match := pattern.fullmatch(path.name))
-    ]
-    if not found:
-        raise ValueError(f"No checkpoint ({CHECKPOINT_PREFIX}N folder) to resume from in {output_dir}.")
-    return max(found)[1]
+class LossWindow:
+    """This process's training losses since the last flush, summed on the device so that a step never waits for it."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.batches = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach().float()
+        self.batches += 1
 
 
-def evaluate(model, dataloader, accelerator: Accelerator, num_labels: int) -> dict[str, float]:
-    """Loss, accuracy, macro F1 (and top-5 accuracy) over every example of a possibly sharded evaluation set.
+@dataclass
+class _Run:
+    """What the pieces of the loop share, built once by `_set_up`."""
 
-    `gather_for_metrics` drops the examples that the sharded loader repeats to even out the last batch, so the numbers
-    are exact, whatever the process count. The loss is the cross-entropy of the gathered logits (the model's loss for
-    single-label classification), summed and divided by the number of examples.
+    accelerator: Accelerator
+    args: AccelerateArguments
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    train_dataset: PerExampleSeededDataset
+    train_dataloader: DataLoader
+    eval_dataloaders: dict[str, DataLoader]
+    image_processor: BaseImageProcessor
+    demo_images: datasets.Dataset  # untransformed, for the demo
+    max_train_steps: int
+    logging_interval: int
+    save_interval: int | None  # optimiser steps between checkpoints with `save_strategy="steps"`
+    hub_repo_id: str | None
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
+    progress_bar: Any = None
+    start_time: float = 0.0
+    start_step: int = 0
+
+
+def evaluate(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    """The model's loss over every example of a possibly sharded evaluation set, with accuracy, macro F1 (and
+    top-5 accuracy) when the labels are class indices.
+
+    The loss is the model's own `loss_function` (cross-entropy, binary cross-entropy on logits for multi-hot labels
+    or mean squared error, as `config.problem_type` says), applied to each gathered batch and weighted by its size.
+    It is taken after `gather_for_metrics`, which drops the examples the sharded loader repeats to even out the last
+    batch; `outputs.loss` of a process's batch would count them. So the numbers are exact, whatever the process count.
     """
     model.eval()
-    metrics = ClassificationMetrics(num_labels)
-    loss_sum, count, start = 0.0, 0, time.perf_counter()
+    unwrapped = accelerator.unwrap_model(model)
+    metrics, loss_sum, count, start = None, 0.0, 0, time.perf_counter()
     for batch in dataloader:
         with torch.no_grad():
             logits = model(pixel_values=batch["pixel_values"]).logits
-        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+        loss_sum += unwrapped.loss_function(labels, logits, unwrapped.config).item() * len(labels)
         count += len(labels)
-        metrics.add_batch(logits, labels)
+        if metrics is None and not labels.is_floating_point() and unwrapped.config.num_labels > 1:
+            metrics = ClassificationMetrics(unwrapped.config.num_labels)
+        if metrics is not None:
+            metrics.add_batch(logits, labels)
     runtime = time.perf_counter() - start
     return {
         "loss": loss_sum / count,
-        **metrics.compute(),
+        **(metrics.compute() if metrics is not None else {}),
         "samples": count,
         "runtime": round(runtime, 4),
         "samples_per_second": round(count / runtime, 3),
         "steps_per_second": round(len(dataloader) / runtime, 3),
     }
-
-
-def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{prefix}_{name}": value for name, value in metrics.items()}
-
-
-def _hparams(*argument_sets) -> dict[str, Any]:
-    """The run's arguments as the scalars TensorBoard's hparams accept."""
-    values = {}
-    for arguments in argument_sets:
-        values.update({k: v for k, v in asdict(arguments).items() if isinstance(v, (bool, int, float, str))})
-    return values
 
 
 def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, args: AccelerateArguments) -> dict:
@@ -238,23 +216,24 @@ def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, 
     _reset_accelerate_state()
     try:
         accelerator = Accelerator(
-            cpu=not torch.accelerator.is_available(),
-            mixed_precision=args.mixed_precision,
+            cpu=args.use_cpu,
+            mixed_precision=args.mixed_precision,  # `--bf16` / `--fp16`, else what `accelerate launch` was told
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            log_with="tensorboard" if args.report_to == "tensorboard" else None,
+            log_with=args.report_to or None,
             project_dir=args.output_dir,
             dataloader_config=DataLoaderConfiguration(
-                use_seedable_sampler=args.use_seedable_sampler, data_seed=args.seed
+                use_seedable_sampler=args.accelerator_config.use_seedable_sampler,
+                data_seed=args.seed if args.data_seed is None else args.data_seed,
             ),
         )
-        return _train(accelerator, model_args, data_args, args)
+        run = _set_up(accelerator, model_args, data_args, args)
+        for epoch in range(run.progress.epoch, int(args.num_train_epochs)):
+            _train_epoch(run, epoch)
+        return _finish(run, data_args)
     except KeyboardInterrupt:
         # A checkpoint being written when Ctrl-C came was dropped with its staging folder; the others are complete.
-        try:
-            latest = find_latest_checkpoint(args.output_dir)
-        except ValueError:
-            latest = None
-        raise TrainingInterrupted(interrupted_message(latest, args.output_dir)) from None
+        newest = newest_complete_checkpoint(args.output_dir, ACCELERATE_CHECKPOINTS)
+        raise TrainingInterrupted(interrupted_message(newest, args.output_dir)) from None
     finally:
         _reset_accelerate_state()
 
@@ -265,253 +244,303 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _train(
+def _set_up(
     accelerator: Accelerator, model_args: ModelArguments, data_args: DataArguments, args: AccelerateArguments
-) -> dict:
-    tracking = args.report_to == "tensorboard"
+) -> _Run:
+    """Everything before the first step: checks, data and model (as in the Trainer path), optimiser and schedule,
+    trackers, and the state of the checkpoint resumed from."""
+    _set_verbosity(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # e.g. from `accelerate launch`
+        logger.warning("Accelerate does not apply fp16 mixed precision on a CPU: this run trains in float32.")
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        check_output_folder(output_dir, needed_bytes=0)  # writable; the room is checked once the model is known
+    hub_repo_id = _create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+    with accelerator.main_process_first():  # the main process fills the `datasets` cache, the others read it
+        prepared = prepare_data_and_model(model_args, data_args, args)
+    inputs = prepared.model_inputs(args.seed)
+    eval_splits = [split for split in ("validation", "test") if split in inputs]
+    model, optimizer, train_dataloader, *eval_dataloaders = accelerator.prepare(  # together: FSDP needs both
+        prepared.model,
+        _optimizer(prepared.model, args),
+        _data_loader(inputs["train"], args, train=True),
+        *(_data_loader(inputs[split], args, train=False) for split in eval_splits),
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.gradient_accumulation_steps)
+    max_train_steps = int(args.num_train_epochs) * updates_per_epoch
+    lr_scheduler = accelerator.prepare(_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes))
+    save_interval = _interval(args.save_steps, max_train_steps) if args.save_strategy == SaveStrategy.STEPS else None
+    raw_test = prepared.splits.get("test", prepared.splits["validation"])
+    run = _Run(
+        accelerator=accelerator,
+        args=args,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        train_dataset=inputs["train"],
+        train_dataloader=train_dataloader,
+        eval_dataloaders=dict(zip(eval_splits, eval_dataloaders, strict=True)),
+        image_processor=prepared.image_processor,
+        demo_images=raw_test.select(range(min(args.num_demo_predictions, len(raw_test)))),
+        max_train_steps=max_train_steps,
+        logging_interval=_interval(args.logging_steps, max_train_steps),
+        save_interval=save_interval,
+        hub_repo_id=hub_repo_id,
+    )
+    if accelerator.is_main_process:
+        _check_room(run)
+    if args.report_to:
+        accelerator.init_trackers("runs", config=_hparams(model_args, data_args, args))
+    _resume(run)
+    _start_progress_bar(run)
+    return run
+
+
+def _create_hub_repo(args: AccelerateArguments) -> str:
+    """The Hub repository for `--push_to_hub`, created up front so that a missing login fails before training."""
+    from huggingface_hub import create_repo
+
+    name = args.hub_model_id or Path(args.output_dir).absolute().name
+    return create_repo(name, private=bool(args.hub_private_repo), exist_ok=True).repo_id
+
+
+def _check_room(run: _Run) -> None:
+    """Before training: room in the output folder for the final model and every checkpoint kept."""
+    args = run.args
+    written = {
+        SaveStrategy.STEPS: run.max_train_steps // (run.save_interval or 1),
+        SaveStrategy.EPOCH: int(args.num_train_epochs),
+    }.get(args.save_strategy, 0)
+    kept = written if args.save_total_limit is None else min(written, args.save_total_limit)
+    num_parameters = run.accelerator.unwrap_model(run.model).num_parameters()
+    check_output_folder(args.output_dir, training_footprint(num_parameters, kept))
+
+
+def _set_verbosity(accelerator: Accelerator) -> None:
+    """Warnings from the main process of each machine, errors only from the others."""
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
         datasets.utils.logging.set_verbosity_warning()
     else:
         transformers.utils.logging.set_verbosity_error()
         datasets.utils.logging.set_verbosity_error()
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        logger.warning(
-            "Accelerate does not apply fp16 mixed precision on a CPU: this run trains in float32 (bf16 works)."
-        )
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        check_output_folder(output_dir, needed_bytes=0)  # writable; the room is checked once the model is known
-    hub_repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        from huggingface_hub import create_repo
 
-        # Created up front, so that a missing login fails now rather than after training.
-        hub_repo_id = create_repo(args.hub_model_id or output_dir.absolute().name, exist_ok=True).repo_id
 
-    # Data and model: exactly as in the Trainer path.
-    with accelerator.main_process_first():  # the main process fills the `datasets` cache, the others read it
-        prepared = prepare_data_and_model(model_args, data_args, args.seed)
-    model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
-    num_labels = model.config.num_labels
-    eval_splits = [split for split in ("validation", "test") if split in splits]
-    raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
-    # PerExampleSeededDataset seeds the global generator that the training transform draws from, per example.
-    augment, plain = prepared.train_transform, prepared.eval_transform
-    train_dataset = PerExampleSeededDataset(splits["train"], augment, seed=args.seed)
+def _optimizer(model: torch.nn.Module, args: AccelerateArguments) -> torch.optim.Optimizer:
+    """Trainer's own optimiser for `--optim` and its settings, over the Trainer path's weight-decay groups."""
+    optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_class(optimizer_parameter_groups(model, args.weight_decay), **optimizer_kwargs)
 
-    def loader(dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        # A private generator: creating an iterator then draws its worker base seed from it, not from the global
-        # generator that dropout uses (evaluating or resuming would otherwise shift the model's random stream).
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=collate_fn,
-            num_workers=args.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
 
-    train_dataloader = loader(train_dataset, args.per_device_train_batch_size, True, args.dataloader_drop_last)
-    eval_dataloaders = {
-        split: loader(splits[split].with_transform(plain), args.per_device_eval_batch_size, False)
-        for split in eval_splits
-    }
-
-    groups = optimizer_parameter_groups(model, args.weight_decay)
-    if args.optim == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-
-    # One call for model and optimiser: FSDP needs both together.
-    model, optimizer, train_dataloader, *prepared_eval = accelerator.prepare(
-        model, optimizer, train_dataloader, *eval_dataloaders.values()
+def _data_loader(dataset: torch.utils.data.Dataset, args: AccelerateArguments, train: bool) -> DataLoader:
+    """A loader with a private generator: creating an iterator then draws its worker base seed from it, not from the
+    global generator that dropout uses (evaluating or resuming would otherwise shift the model's random stream)."""
+    return DataLoader(
+        dataset,
+        batch_size=args.per_device_train_batch_size if train else args.per_device_eval_batch_size,
+        shuffle=train,
+        drop_last=train and args.dataloader_drop_last,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
     )
-    eval_dataloaders = dict(zip(eval_dataloaders, prepared_eval, strict=True))
 
-    # Steps counted on the prepared (sharded) loader. Accelerate's scheduler wrapper steps the schedule once per
-    # process at each optimiser step (its batches grow with the process count), so the schedule is that much longer;
-    # for warm-up + cosine/linear the learning rate at each optimiser step is then the one-process value.
-    accumulation = accelerator.gradient_accumulation_steps  # `accelerate launch` may have set it
-    updates_per_epoch = math.ceil(len(train_dataloader) / accumulation)
-    max_train_steps = args.num_train_epochs * updates_per_epoch
-    warmup = int(args.warmup_steps) if args.warmup_steps >= 1 else math.ceil(max_train_steps * args.warmup_steps)
-    lr_scheduler = get_scheduler(
+
+def _lr_scheduler(optimizer, args: AccelerateArguments, max_train_steps: int, num_processes: int):
+    """The schedule over `max_train_steps` optimiser steps, counted on the prepared (sharded) loader.
+
+    Accelerate's scheduler wrapper steps the schedule once per process at each optimiser step (its batches grow with
+    the process count), so the schedule is that much longer; for warm-up + cosine/linear the learning rate at each
+    optimiser step is then the one-process value.
+    """
+    return get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,
-        num_warmup_steps=warmup * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_warmup_steps=args.get_warmup_steps(max_train_steps) * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
     )
-    lr_scheduler = accelerator.prepare(lr_scheduler)
-    if accelerator.is_main_process:  # room for the final model and every checkpoint, checked before training
-        checkpoints = max_train_steps // args.checkpointing_steps if args.checkpointing_steps else 0
-        check_output_folder(
-            output_dir, training_footprint(accelerator.unwrap_model(model).num_parameters(), checkpoints)
-        )
-    progress = TrainingProgress()
 
-    if tracking:
-        accelerator.init_trackers("runs", config=_hparams(model_args, data_args, args))
 
-    if args.resume_from_checkpoint:
-        checkpoint = (
-            find_latest_checkpoint(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-        progress.load(checkpoint)
-        accelerator.load_state(str(checkpoint))  # model, optimiser, scheduler and RNG states
-        logger.info(
-            "Resumed from %s: step %d, epoch %d after batch %d",
-            checkpoint,
-            progress.completed_steps,
-            progress.epoch,
-            progress.batches_in_epoch,
-        )
-        if progress.batches_in_epoch >= len(train_dataloader):  # saved at the end of an epoch
-            progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+def _interval(steps: float, max_train_steps: int) -> int:
+    """`logging_steps` / `save_steps` in optimiser steps: as in Trainer, a value below 1 is a share of all steps."""
+    return int(steps) if steps >= 1 else max(math.ceil(max_train_steps * steps), 1)
 
-    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * accumulation
+
+def _resume(run: _Run) -> None:
+    """Restore the model, optimiser, scheduler, RNG states and progress of `--resume_from_checkpoint`, if given."""
+    args, progress = run.args, run.progress
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINTS)
+    if checkpoint is None:
+        return
+    progress.load(checkpoint)
+    run.accelerator.load_state(str(checkpoint))
+    logger.info(
+        "Resumed from %s: step %d, epoch %d after batch %d",
+        checkpoint,
+        progress.completed_steps,
+        progress.epoch,
+        progress.batches_in_epoch,
+    )
+    if progress.batches_in_epoch >= len(run.train_dataloader):  # saved at the end of an epoch
+        progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+
+
+def _start_progress_bar(run: _Run) -> None:
+    args, accelerator = run.args, run.accelerator
     logger.info(
         "Training %d examples for %d epochs: %d optimiser steps of %d examples (%d per process x %d processes x %d "
         "accumulated)",
-        len(train_dataset),
+        len(run.train_dataset),
         args.num_train_epochs,
-        max_train_steps,
-        total_batch_size,
+        run.max_train_steps,
+        _total_batch_size(run),
         args.per_device_train_batch_size,
         accelerator.num_processes,
-        accumulation,
+        accelerator.gradient_accumulation_steps,
     )
-    progress_bar = tqdm(
-        total=max_train_steps,
-        initial=progress.completed_steps,
+    run.progress_bar = tqdm(
+        total=run.max_train_steps,
+        initial=run.progress.completed_steps,
         disable=args.disable_tqdm or not accelerator.is_local_main_process,
         desc="Training",
     )
+    run.start_time, run.start_step = time.perf_counter(), run.progress.completed_steps
 
-    def flush_loss(window: torch.Tensor, batches: int) -> None:
-        """Average the local loss sum over the processes (a collective: every process calls it at the same step)."""
-        if batches:
-            mean = accelerator.reduce(window.detach().clone(), reduction="mean").item()
-            progress.loss_sum += mean
-            progress.window_loss_sum += mean
-            progress.loss_batches += batches
-            progress.window_batches += batches
 
-    def log(entry: dict[str, float]) -> None:
-        entry = {**entry, "step": progress.completed_steps}
-        progress.log_history.append(entry)
-        accelerator.log({key: value for key, value in entry.items() if key != "step"}, step=progress.completed_steps)
+def _total_batch_size(run: _Run) -> int:
+    accelerator = run.accelerator
+    return run.args.per_device_train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
-    def save_checkpoint(folder: Path) -> None:
-        def write(staging: Path) -> None:
-            accelerator.save_state(str(staging))
-            if accelerator.is_main_process:
-                progress.save(staging)
 
-        write_checkpoint_atomically(folder, write, accelerator.is_main_process, accelerator.wait_for_everyone)
+def _train_epoch(run: _Run, epoch: int) -> None:
+    """One pass over the training set (what is left of it, when resuming mid-epoch), then the validation."""
+    accelerator, progress = run.accelerator, run.progress
+    run.model.train()
+    # The sampler's permutation and the crops are functions of the epoch.
+    run.train_dataloader.set_epoch(epoch)
+    run.train_dataset.set_epoch(epoch)
+    skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+    progress.epoch, progress.batches_in_epoch = epoch, skip
+    batches = accelerator.skip_first_batches(run.train_dataloader, skip) if skip else run.train_dataloader
+    window = LossWindow(accelerator.device)
+    for batch in batches:
+        grad_norm = _train_step(run, batch, window)
+        progress.batches_in_epoch += 1
+        if accelerator.sync_gradients:
+            _after_optimizer_step(run, epoch, window, grad_norm)
+    _flush_loss(run, window)
+    validation = evaluate(run.model, run.eval_dataloaders["validation"], accelerator)
+    _log(run, {**_prefixed("eval", validation), "epoch": epoch + 1})
+    logger.info("Epoch %d: validation loss %.4f", epoch + 1, validation["loss"])
+    if run.args.save_strategy == SaveStrategy.EPOCH:  # after the evaluation, so that a resumed run logs it once
+        _save_checkpoint(run)
 
-    start, start_step = time.perf_counter(), progress.completed_steps
-    grad_norm = None
-    for epoch in range(progress.epoch, args.num_train_epochs):
-        model.train()
-        # The sampler's permutation and the crops are functions of the epoch.
-        train_dataloader.set_epoch(epoch)
-        train_dataset.set_epoch(epoch)
-        skip = progress.batches_in_epoch if epoch == progress.epoch else 0
-        progress.epoch, progress.batches_in_epoch = epoch, skip
-        active_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        window, window_batches = torch.zeros((), device=accelerator.device), 0
-        for batch in active_dataloader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                window += loss.detach().float()
-                window_batches += 1
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()  # the prepared optimiser and scheduler step only when gradients are synced
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            progress.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.completed_steps += 1
-            progress_bar.update(1)
-            at_log = progress.completed_steps % args.logging_steps == 0
-            at_checkpoint = args.checkpointing_steps and progress.completed_steps % args.checkpointing_steps == 0
-            if at_log or at_checkpoint:
-                flush_loss(window, window_batches)
-                window.zero_()
-                window_batches = 0
-            if at_log:
-                entry = {
-                    "loss": progress.window_loss_sum / progress.window_batches,
-                    "learning_rate": lr_scheduler.get_last_lr()[0],
-                    "epoch": epoch + progress.batches_in_epoch / len(train_dataloader),
-                }
-                if grad_norm is not None:
-                    entry["grad_norm"] = float(grad_norm)
-                log(entry)
-                progress_bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                progress.window_loss_sum, progress.window_batches = 0.0, 0
-            if at_checkpoint:
-                save_checkpoint(output_dir / f"{CHECKPOINT_PREFIX}{progress.completed_steps}")
-        flush_loss(window, window_batches)
-        validation = evaluate(model, eval_dataloaders["validation"], accelerator, num_labels)
-        log({**_prefixed("eval", validation), "epoch": epoch + 1})
-        logger.info("Epoch %d: validation accuracy %.4f", epoch + 1, validation["accuracy"])
-    progress_bar.close()
-    runtime = time.perf_counter() - start
-    logger.info("Trained with world size %d, model wrapped in %s", accelerator.num_processes, type(model).__name__)
 
-    # Final model: gathered from every process (FSDP shards it), written once.
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    accelerator.unwrap_model(model).save_pretrained(
-        output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict
+def _train_step(run: _Run, batch: dict[str, torch.Tensor], window: LossWindow) -> torch.Tensor | None:
+    """Forward and backward; once the accumulated gradients are synced, clip them and step. Returns the clipped
+    gradient norm, if any."""
+    accelerator, grad_norm = run.accelerator, None
+    with accelerator.accumulate(run.model):
+        loss = run.model(**batch).loss
+        window.add(loss)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and run.args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+        run.optimizer.step()  # the prepared optimiser and scheduler step only when gradients are synced
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return grad_norm
+
+
+def _after_optimizer_step(run: _Run, epoch: int, window: LossWindow, grad_norm: torch.Tensor | None) -> None:
+    """Count the step; log the training loss and save a checkpoint when their intervals say so."""
+    progress = run.progress
+    progress.completed_steps += 1
+    run.progress_bar.update(1)
+    at_log = progress.completed_steps % run.logging_interval == 0
+    at_checkpoint = run.save_interval is not None and progress.completed_steps % run.save_interval == 0
+    if at_log or at_checkpoint:
+        _flush_loss(run, window)
+    if at_log:
+        entry = {
+            "loss": progress.window_loss_sum / progress.window_batches,
+            "learning_rate": run.lr_scheduler.get_last_lr()[0],
+            "epoch": epoch + progress.batches_in_epoch / len(run.train_dataloader),
+        }
+        if grad_norm is not None:
+            entry["grad_norm"] = float(grad_norm)
+        _log(run, entry)
+        run.progress_bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        progress.window_loss_sum, progress.window_batches = 0.0, 0
+    if at_checkpoint:
+        _save_checkpoint(run)
+
+
+def _flush_loss(run: _Run, window: LossWindow) -> None:
+    """Average the window's loss sum over the processes into the progress (a collective: every process calls it at
+    the same step), then empty the window."""
+    if window.batches:
+        mean = run.accelerator.reduce(window.total.detach().clone(), reduction="mean").item()
+        progress = run.progress
+        progress.loss_sum += mean
+        progress.window_loss_sum += mean
+        progress.loss_batches += window.batches
+        progress.window_batches += window.batches
+    window.total.zero_()
+    window.batches = 0
+
+
+def _log(run: _Run, entry: dict[str, float]) -> None:
+    step = run.progress.completed_steps
+    run.progress.log_history.append({**entry, "step": step})
+    run.accelerator.log(entry, step=step)
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """The whole training state as `step_N`, written by every process at once and renamed into place when complete;
+    then the oldest beyond `save_total_limit` go."""
+    accelerator, args = run.accelerator, run.args
+    folder = ACCELERATE_CHECKPOINTS.folder(args.output_dir, run.progress.completed_steps)
+    write = partial(_write_checkpoint, run)
+    write_folder_atomically(
+        folder, write, is_main_process=accelerator.is_main_process, wait_for_everyone=accelerator.wait_for_everyone
     )
     if accelerator.is_main_process:
-        image_processor.save_pretrained(output_dir)
+        prune_checkpoints(args.output_dir, ACCELERATE_CHECKPOINTS, args.save_total_limit)
 
-    steps_run = progress.completed_steps - start_step
+
+def _write_checkpoint(run: _Run, staging: Path) -> None:
+    run.accelerator.save_state(str(staging))  # model, optimiser, scheduler and RNG states
+    if run.accelerator.is_main_process:
+        run.progress.save(staging)
+
+
+def _finish(run: _Run, data_args: DataArguments) -> dict:
+    """Save the final model, evaluate it on validation and test, write results, curve and demo, push if asked."""
+    accelerator, args, progress = run.accelerator, run.args, run.progress
+    run.progress_bar.close()
+    runtime = time.perf_counter() - run.start_time
+    logger.info("Trained with world size %d, model wrapped in %s", accelerator.num_processes, type(run.model).__name__)
+    _save_model(run)
+    steps_run = progress.completed_steps - run.start_step
     metrics: dict[str, Any] = {
         "train_loss": progress.loss_sum / max(progress.loss_batches, 1),
         "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(steps_run * total_batch_size / runtime, 3),
+        "train_samples_per_second": round(steps_run * _total_batch_size(run) / runtime, 3),
         "train_steps_per_second": round(steps_run / runtime, 3),
         "train_steps": progress.completed_steps,
         "epoch": float(args.num_train_epochs),
         "world_size": accelerator.num_processes,
     }
     for split, prefix in (("validation", "eval"), ("test", "test")):
-        if split in eval_dataloaders:
-            metrics.update(_prefixed(prefix, evaluate(model, eval_dataloaders[split], accelerator, num_labels)))
-    accelerator.log({key: value for key, value in metrics.items() if key.startswith("test_")}, step=max_train_steps)
-
+        if split in run.eval_dataloaders:
+            metrics.update(_prefixed(prefix, evaluate(run.model, run.eval_dataloaders[split], accelerator)))
+    test_metrics = {key: value for key, value in metrics.items() if key.startswith("test_")}
+    accelerator.log(test_metrics, step=run.max_train_steps)
     if accelerator.is_main_process:
-        (output_dir / RESULTS_NAME).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        (output_dir / LOG_HISTORY_NAME).write_text(json.dumps(progress.log_history, indent=2) + "\n")
-        plot_training_curve(progress.log_history, output_dir / "training_curve.png")
-        for name, value in metrics.items():
-            logger.info("  %s = %s", name, value)
-        if args.num_demo_predictions:
-            metrics["demo_predictions"] = reload_and_predict(
-                output_dir, raw_test.select(range(min(args.num_demo_predictions, len(raw_test))))
-            )
-        if hub_repo_id is not None:
-            push_model_folder(
-                output_dir,
-                hub_repo_id,
-                metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
-                hyperparameters={key: getattr(args, key) for key in HUB_HYPERPARAMETERS},
-                dataset=data_args.dataset_name or data_args.train_dir or "sklearn-digits",
-            )
-
+        _write_results(run, metrics, data_args)
     # Every process ends together (a barrier before the process group goes avoids gloo teardown hangs);
     # `end_training` closes the trackers and destroys the process group.
     accelerator.wait_for_everyone()
@@ -519,10 +548,54 @@ def _train(
     return metrics
 
 
+def _save_model(run: _Run) -> None:
+    """The final model, gathered from every process (FSDP shards it) and written once, with its processor."""
+    accelerator, output_dir = run.accelerator, Path(run.args.output_dir)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(run.model)
+    accelerator.unwrap_model(run.model).save_pretrained(
+        output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict
+    )
+    if accelerator.is_main_process:
+        run.image_processor.save_pretrained(output_dir)
+
+
+def _write_results(run: _Run, metrics: dict[str, Any], data_args: DataArguments) -> None:
+    """On the main process: results, log history, training curve, demo predictions and the Hub upload."""
+    args, output_dir = run.args, Path(run.args.output_dir)
+    (output_dir / RESULTS_NAME).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (output_dir / LOG_HISTORY_NAME).write_text(json.dumps(run.progress.log_history, indent=2) + "\n")
+    plot_training_curve(run.progress.log_history, output_dir / "training_curve.png")
+    for name, value in metrics.items():
+        logger.info("  %s = %s", name, value)
+    if args.num_demo_predictions:
+        metrics["demo_predictions"] = reload_and_predict(output_dir, run.demo_images)
+    if run.hub_repo_id is not None:
+        push_model_folder(
+            output_dir,
+            run.hub_repo_id,
+            metrics={key: value for key, value in metrics.items() if isinstance(value, (int, float))},
+            hyperparameters={key: getattr(args, key) for key in HUB_HYPERPARAMETERS},
+            dataset=data_args.dataset_name or data_args.train_dir or "sklearn-digits",
+        )
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{name}": value for name, value in metrics.items()}
+
+
+def _hparams(model_args: ModelArguments, data_args: DataArguments, args: AccelerateArguments) -> dict[str, Any]:
+    """The run's arguments as the scalars TensorBoard's hparams accept."""
+    values = {
+        k: v for k, v in {**asdict(model_args), **asdict(data_args)}.items() if isinstance(v, (bool, int, float, str))
+    }
+    return {**values, **args.to_sanitized_dict()}
+
+
 __all__ = [
     "AccelerateArguments",
+    "LossWindow",
     "TrainingProgress",
     "evaluate",
-    "find_latest_checkpoint",
     "train_with_accelerate",
 ]

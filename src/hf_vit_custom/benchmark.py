@@ -476,11 +476,13 @@ def profile_table(profile: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def count_graph_breaks(config: ViTCustomConfig, batch_size: int = 2) -> int:
-    """Graph breaks `torch.compile` meets in the classifier's forward (0 means one whole graph)."""
-    model = ViTCustomForImageClassification._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    """Graph breaks `torch.compile` meets in the classifier's training forward with labels, the call that Trainer's
+    `--torch_compile true` compiles (0 means one whole graph)."""
+    model = ViTCustomForImageClassification._from_config(copy.deepcopy(config), attn_implementation="sdpa").train()
     height, width = to_pair(config.image_size)
     pixels = torch.randn(batch_size, config.num_channels, height, width)
-    explanation = torch._dynamo.explain(model)(pixels)
+    labels = torch.randint(0, max(config.num_labels, 1), (batch_size,))
+    explanation = torch._dynamo.explain(model)(pixels, labels=labels)
     return explanation.graph_break_count
 
 

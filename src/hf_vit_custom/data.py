@@ -492,10 +492,9 @@ class ImageClassificationTransform:
     needed; resizing and normalising are left to the image processor, so that inference with the saved processor
     sees exactly the same preprocessing.
 
-    Randomness: with `seed=None` the global torch generator is used, which `transformers.set_seed` /
-    `accelerate.utils.set_seed` seed and `DataLoader` reseeds differently in every worker. With a `seed`, a private
-    `torch.Generator` makes the augmentation reproducible on its own; inside a `DataLoader` worker it is mixed with
-    the worker's seed, so workers do not repeat each other's crops.
+    Randomness: the augmentation draws from the generator of each image's `example_seeds` when given (the training
+    loops' path, see `PerExampleSeededDataset`), otherwise from torch's global generator, which `set_seed` seeds and
+    `DataLoader` reseeds differently in every worker.
 
     Args:
         image_processor: a transformers image processor with `size={"height", "width"}` (e.g. `ViTImageProcessorPil`).
@@ -504,7 +503,6 @@ class ImageClassificationTransform:
         crop_scale: range of the crop's area as a fraction of the image; `None` disables the random crop.
         crop_ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
         horizontal_flip: flip half of the images left-right; leave off for digits and text, whose meaning flips.
-        seed: seed of the private generator (see above).
         image_column: input column with the images.
         label_column: input column with the labels.
     """
@@ -517,7 +515,6 @@ class ImageClassificationTransform:
         crop_scale: tuple[float, float] | None = (0.8, 1.0),
         crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         horizontal_flip: bool = False,
-        seed: int | None = None,
         image_column: str = "image",
         label_column: str = "label",
     ):
@@ -543,12 +540,9 @@ class ImageClassificationTransform:
         self.crop_scale = crop_scale
         self.crop_ratio = crop_ratio
         self.horizontal_flip = horizontal_flip
-        self.seed = seed
         self.image_column = image_column
         self.label_column = label_column
         self.output_size = (int(height), int(width))
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
-        self._worker_id: int | None = None
 
     def __call__(self, batch: dict[str, list], example_seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Transform a batch `{image: [PIL, ...], label: [int, ...]}` into tensors.
@@ -578,9 +572,8 @@ class ImageClassificationTransform:
     def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
         """Randomly crop-and-resize to the processor size, then maybe flip (training only).
 
-        Draws from `generator` when given, otherwise from the transform's own generator or the global one.
+        Draws from `generator` when given, otherwise from torch's global generator.
         """
-        generator = generator or self._current_generator()
         if self.crop_scale is not None:
             top, left, height, width = self._crop_box(image.width, image.height, generator)
             # One resampling step for crop and resize; the processor's own resize is then the identity.
@@ -619,15 +612,6 @@ class ImageClassificationTransform:
             width, height = image_width, image_height
         return (image_height - height) // 2, (image_width - width) // 2, height, width
 
-    def _current_generator(self) -> torch.Generator | None:
-        worker = torch.utils.data.get_worker_info()
-        if self.generator is not None and worker is not None and worker.id != self._worker_id:
-            # Each worker holds a copy of this object with the same generator state; without reseeding all workers
-            # would draw identical crops. `worker.seed` also changes every epoch when workers are restarted.
-            self.generator.manual_seed((self.seed * 1_000_003 + worker.seed) % 2**63)
-            self._worker_id = worker.id
-        return self.generator
-
     @staticmethod
     def _uniform(generator: torch.Generator | None) -> float:
         return torch.rand((), generator=generator).item()
@@ -640,7 +624,7 @@ class ImageClassificationTransform:
 class PerExampleSeededDataset(torch.utils.data.Dataset):
     """A training split whose random augmentation depends only on (seed, epoch, example index).
 
-    `ImageClassificationTransform(seed=None)` draws from torch's global generator, so an example's crop depends on
+    Without `example_seeds`, `ImageClassificationTransform` draws from torch's global generator, so a crop depends on
     everything drawn before it. That breaks exact resumption: the data loader fetches one batch ahead, so the
     generator state a checkpoint stores after step N already includes batch N+1's crops, and the resumed run draws
     batch N+1 again from there. Here every example's crop comes from a generator seeded with (seed, epoch, index):
@@ -649,7 +633,7 @@ class PerExampleSeededDataset(torch.utils.data.Dataset):
 
     Args:
         dataset: the raw split, with PIL images (no transform attached).
-        transform: the training transform (`ImageClassificationTransform` with `seed=None`).
+        transform: the training transform (`ImageClassificationTransform(train=True)`).
         seed: the run's seed.
     """
 

@@ -25,11 +25,9 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -39,13 +37,16 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import httpx  # the HTTP client huggingface_hub itself raises errors from
 
 from .modeling_vit_custom import AUTO_MAP
+from .modeling_vit_custom_mae import MAE_AUTO_MAP
+from .persistence import staging_folder
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "vit_custom"
-CODE_FILES = ("configuration_vit_custom.py", "modeling_vit_custom.py")
+MAE_ARCHITECTURE = "ViTCustomForMaskedImageModeling"
 # Run-time measurements, not results: kept out of the card's evaluation results.
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "total_flos")
 
@@ -198,13 +199,15 @@ def _stage_folder(folder: Path, staging: Path, config: dict) -> None:
             os.link(path, staging / path.name)
         except OSError:
             shutil.copy2(path, staging / path.name)
-    if any(config.get("auto_map", {}).get(key) != value for key, value in AUTO_MAP.items()):
+    # What the folder's own class needs, as its save would write it: a masked autoencoder's code imports the rest.
+    auto_map = MAE_AUTO_MAP if MAE_ARCHITECTURE in (config.get("architectures") or []) else AUTO_MAP
+    if any(config.get("auto_map", {}).get(key) != value for key, value in auto_map.items()):
         logger.info("Adding the auto_map for trust_remote_code to the uploaded config.json")
-        config = {**config, "auto_map": {**config.get("auto_map", {}), **AUTO_MAP}}
+        config = {**config, "auto_map": {**config.get("auto_map", {}), **auto_map}}
         (staging / "config.json").unlink()
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     package = Path(__file__).parent
-    for name in CODE_FILES:
+    for name in sorted({f"{value.split('.')[0]}.py" for value in auto_map.values()}):
         if not (staging / name).is_file():
             logger.info("Adding %s for trust_remote_code users", name)
             shutil.copy2(package / name, staging / name)
@@ -251,7 +254,7 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
                 f"The token has no write access to {repo_id} (403): use a token with the write role for its owner."
             ) from error
         raise HubError(f"The Hub answered {status} for {where}: {error}") from error
-    except (httpx2.ConnectError, httpx2.TimeoutException) as error:
+    except (httpx.ConnectError, httpx.TimeoutException) as error:
         raise HubError(f"Cannot reach the Hub for {where} ({type(error).__name__}): check your connection.") from error
 
 
@@ -281,8 +284,7 @@ def push_model_folder(
     metrics = read_metrics(folder) if metrics is None else metrics
     api = HfApi(token=token)
     secret = token or get_token()
-    with tempfile.TemporaryDirectory(prefix="vit_custom_push_") as staging_dir:
-        staging = Path(staging_dir)
+    with staging_folder(prefix="vit_custom_push_") as staging:
         _stage_folder(folder, staging, config)
         if secret:
             leaking = [path.name for path in sorted(staging.iterdir()) if _contains(path, secret.encode())]

@@ -10,8 +10,9 @@ Why the metrics are defined here rather than loaded:
   in-memory Arrow buffer. By default evaluate writes them to a cache file guarded by a file lock under
   `HF_METRICS_CACHE`, named after `experiment_id`; two processes sharing that id and cache folder at once can
   collide. In memory there is no file and no lock, so concurrent runs (or every rank of an Accelerate job) never
-  meet and no `experiment_id` is needed. evaluate would still create an empty cache folder when the metric is
-  built; `_InMemoryMetric` skips that too, so nothing at all is written to disk.
+  meet and no `experiment_id` is needed. evaluate still creates an (unused) folder under `cache_dir` when the metric
+  is built, so `_InMemoryMetric` points `cache_dir` at a temporary folder that is deleted at once: nothing is left in
+  the Hugging Face cache or the working directory.
 - `_compute` wraps scikit-learn, as the Hub's own accuracy and F1 scripts do, so the maths is sklearn's.
 
 Both `build_compute_metrics` (for `Trainer`) and `ClassificationMetrics` (for an Accelerate loop) go through
@@ -20,7 +21,7 @@ Both `build_compute_metrics` (for `Trainer`) and `ClassificationMetrics` (for an
 
 from __future__ import annotations
 
-import os
+import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -47,22 +48,16 @@ TOP_K = 5
 
 
 class _InMemoryMetric(evaluate.Metric):
-    """An `evaluate.Metric` that keeps its data in memory and never touches the file system.
+    """An `evaluate.Metric` that keeps its data in memory, through evaluate's public `keep_in_memory` and `cache_dir`.
 
     Keeping data in memory means no cache file or lock, so concurrent processes cannot collide (see module
-    docstring). Pass `keep_in_memory=False` to get evaluate's file-backed behaviour back, e.g. for its own
-    `num_process`/`process_id` distributed mode.
+    docstring). evaluate creates `cache_dir/<name>/<config>` on construction even so, and only its file-backed mode
+    reads it: a temporary `cache_dir`, gone once the metric is built, keeps it out of the Hugging Face cache.
     """
 
-    def __init__(self, *, keep_in_memory: bool = True, **kwargs: Any) -> None:
-        super().__init__(keep_in_memory=keep_in_memory, **kwargs)
-
-    def _build_data_dir(self) -> str:
-        # evaluate 0.4 calls this from __init__ and creates the folder even with keep_in_memory=True, although only
-        # the file-backed mode (and download_and_prepare, which these metrics have no use for) ever reads it.
-        if self.keep_in_memory:
-            return os.path.join(self._data_dir_root, self.name, self.config_name)
-        return super()._build_data_dir()
+    def __init__(self, **kwargs: Any) -> None:
+        with tempfile.TemporaryDirectory(prefix="hf_vit_custom_metric_") as cache_dir:
+            super().__init__(keep_in_memory=True, cache_dir=cache_dir, **kwargs)
 
 
 _LABEL_FEATURES = datasets.Features(

@@ -357,18 +357,23 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
             ) from error
         if wants_info:
             return model, info
-        encoder_prefix = f"{cls.base_model_prefix}."
+        if source is not None:
+            model.check_encoder_loaded(source, info)
+        return model
+
+    def check_encoder_loaded(self, source: str, loading_info: dict) -> None:
+        """Raise an `OSError` when `from_pretrained`'s `loading_info` shows encoder weights missing from `source`."""
+        encoder_prefix = f"{self.base_model_prefix}."
         missing = sorted(
             key
-            for key in info["missing_keys"]
-            if key.startswith(encoder_prefix) or not hasattr(model, cls.base_model_prefix)
+            for key in loading_info["missing_keys"]
+            if key.startswith(encoder_prefix) or not hasattr(self, self.base_model_prefix)
         )
-        if missing and source is not None:
+        if missing:
             raise OSError(
                 f"The checkpoint {source!r} lacks {len(missing)} encoder weights (e.g. {missing[:3]}): it is "
                 "incomplete or belongs to another architecture, and loading it would leave them random."
             )
-        return model
 
 
 class ViTCustomModel(ViTCustomPreTrainedModel):

@@ -2,8 +2,10 @@
 
 The data, the image processor, the augmentation and the checkpoint handling are the classifier's (`training.py`,
 `data.py`); only the model (`ViTCustomForMaskedImageModeling`) and the batches differ: the labels are loaded, because
-the shared pipeline validates them, but never reach the model. The saved folder fine-tunes with
-`scripts/train.py --model_name_or_path FOLDER`: the encoder is reused as it is and only the classifier head is new.
+the shared pipeline validates them, but never reach the model. The model's settings, `mask_ratio` and the decoder's
+size among them, are config fields, set like any other (`--config_overrides mask_ratio=0.6`). The saved folder
+fine-tunes with `scripts/train.py --model_name_or_path FOLDER`: the encoder is reused as it is and only the classifier
+head is new.
 """
 
 import logging
@@ -28,15 +30,6 @@ from .training import (
 
 logger = logging.getLogger(__name__)
 
-# The decoder next to `training.DIGITS_CONFIG`'s 64-wide, 4-layer encoder: narrower and shallower, as in the paper,
-# where a light decoder is enough because only the encoder is kept.
-DIGITS_DECODER_CONFIG = {
-    "decoder_hidden_size": 32,
-    "decoder_num_hidden_layers": 2,
-    "decoder_num_attention_heads": 4,
-    "decoder_intermediate_size": 64,
-}
-
 
 @dataclass
 class PretrainingArguments(ViTTrainingArguments):
@@ -46,10 +39,6 @@ class PretrainingArguments(ViTTrainingArguments):
     num_train_epochs: float = field(default=100.0, metadata={"help": "Passes over the training set."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW's beta2 (0.95 in the MAE paper)."})
-    mask_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Share of the patches hidden from the encoder; defaults to the config's (0.75)."},
-    )
     # Trainer computes an evaluation loss only for batches that hold its `label_names`; MAE's targets are the pixels.
     label_names: list[str] | None = field(
         default_factory=lambda: ["pixel_values"], metadata={"help": "Inputs Trainer treats as the targets."}
@@ -67,21 +56,6 @@ def collate_pixel_values(examples: list[dict[str, Any]]) -> dict[str, torch.Tens
     return {"pixel_values": collate_fn(examples)["pixel_values"]}
 
 
-def pretraining_config_kwargs(
-    model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments
-) -> dict[str, Any]:
-    """Config fields pre-training sets: the digits decoder when the digits model is built from scratch, and
-    `--mask_ratio`. Everywhere else the decoder is the config's own (the paper's 512 wide, 8 layers by default).
-    """
-    config_kwargs = {}
-    uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
-    if uses_default_data and model_args.model_name_or_path is None and model_args.config_name is None:
-        config_kwargs |= DIGITS_DECODER_CONFIG
-    if training_args.mask_ratio is not None:
-        config_kwargs["mask_ratio"] = training_args.mask_ratio
-    return config_kwargs
-
-
 def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments) -> dict:
     """Pre-train, evaluate the reconstruction loss on validation and test, save model and processor; return metrics.
 
@@ -90,10 +64,9 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     """
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
-    config_kwargs = pretraining_config_kwargs(model_args, data_args, training_args)
     # An image folder is read as unlabeled images, flat or in sub-folders; the digits keep their (unused) labels.
     prepared = prepare_data_and_model(
-        model_args, data_args, training_args.seed, AutoModelForMaskedImageModeling, labeled=False, **config_kwargs
+        model_args, data_args, training_args, AutoModelForMaskedImageModeling, labeled=False
     )
     datasets = prepared.model_inputs(training_args.seed)
     prepare_output_folder(prepared.model, training_args)
@@ -121,10 +94,8 @@ def print_pretraining_results(metrics: dict, output_dir: str) -> None:
 
 
 __all__ = [
-    "DIGITS_DECODER_CONFIG",
     "PretrainingArguments",
     "collate_pixel_values",
     "pretrain",
-    "pretraining_config_kwargs",
     "print_pretraining_results",
 ]

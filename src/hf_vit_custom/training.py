@@ -25,16 +25,8 @@ from transformers import (
     set_seed,
 )
 
-from .checkpointing import (
-    TrainingInterrupted,
-    check_output_folder,
-    discard_incomplete_checkpoints,
-    interrupted_message,
-    last_complete_checkpoint,
-    resolve_resume_checkpoint,
-    training_footprint,
-)
 from .configuration_vit_custom import ViTCustomConfig, to_pair
+from .cpu_speed import optimize_for_cpu
 from .data import (
     ImageClassificationTransform,
     PerExampleSeededDataset,
@@ -45,6 +37,16 @@ from .data import (
 )
 from .hub import push_model_folder
 from .metrics import build_compute_metrics
+from .persistence import (
+    TRAINER_CHECKPOINTS,
+    TrainingInterrupted,
+    check_output_folder,
+    discard_incomplete_checkpoints,
+    interrupted_message,
+    newest_complete_checkpoint,
+    resolve_resume_checkpoint,
+    training_footprint,
+)
 from .visualize import save_attention_grid
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,12 @@ DIGITS_CONFIG = {
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "intermediate_size": 128,
+    # The MAE decoder (used only by pre-training): narrower and shallower than the encoder, as in the paper, where a
+    # light decoder is enough because only the encoder is kept.
+    "decoder_hidden_size": 32,
+    "decoder_num_hidden_layers": 2,
+    "decoder_num_attention_heads": 4,
+    "decoder_intermediate_size": 64,
 }
 # Trained from scratch on anything else unless `--config_name` says otherwise.
 DEFAULT_PRESET = "vit-tiny-patch16-224"
@@ -86,7 +94,10 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated config overrides, e.g. 'hidden_size=128,drop_path_rate=0.1'."},
+        metadata={
+            "help": "Comma-separated config overrides, applied last, e.g. 'hidden_size=128,drop_path_rate=0.1', or "
+            "'mask_ratio=0.6' for pre-training."
+        },
     )
     image_processor_name: str | None = field(
         default=None, metadata={"help": "Image processor folder or Hub id; defaults to the model's own."}
@@ -245,27 +256,26 @@ class ViTTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
 
-def build_config(model_args: ModelArguments, uses_default_data: bool, **config_kwargs) -> ViTCustomConfig:
-    """The configuration to train from scratch, with `config_kwargs` (the data's labels...) and `--config_overrides`."""
-    if model_args.config_name is None:
-        preset = DIGITS_CONFIG if uses_default_data else ViTCustomConfig.from_preset(DEFAULT_PRESET).to_diff_dict()
-        config = ViTCustomConfig(**{**preset, **config_kwargs})
-    elif os.path.exists(model_args.config_name) or "/" in model_args.config_name:
-        config = AutoConfig.from_pretrained(
-            model_args.config_name, revision=model_args.model_revision, cache_dir=model_args.cache_dir, **config_kwargs
-        )
+def resolve_config(model_args: ModelArguments, uses_default_data: bool, **fields) -> ViTCustomConfig:
+    """The one path to a model's config: its source, then `fields` (the data's labels), then `--config_overrides`.
+
+    The source is the checkpoint to fine-tune (`--model_name_or_path`), else `--config_name` (a preset name, or a
+    config folder or Hub id), else the default for the data: `DIGITS_CONFIG` for the bundled digits,
+    `DEFAULT_PRESET` for anything else. Fine-tuning and training from scratch thus build their configs alike.
+    """
+    source = model_args.model_name_or_path or model_args.config_name or (None if uses_default_data else DEFAULT_PRESET)
+    if source is None:
+        config = ViTCustomConfig(**DIGITS_CONFIG, **fields)
+    elif model_args.model_name_or_path or os.path.exists(source) or "/" in source:
+        hub_kwargs = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+        config = AutoConfig.from_pretrained(source, **hub_kwargs, **fields)
     else:
-        config = ViTCustomConfig.from_preset(model_args.config_name, **config_kwargs)
-    apply_config_overrides(config, model_args.config_overrides)
-    return config
-
-
-def apply_config_overrides(config: ViTCustomConfig, overrides: str | None) -> None:
-    """Apply `--config_overrides` ("field=value,...") and check the result as at construction."""
-    if overrides:
-        config.update_from_string(overrides)
+        config = ViTCustomConfig.from_preset(source, **fields)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
         config.validate_vit_values()  # a plain `ValueError` naming the field
         config.validate()
+    return config
 
 
 def build_model_and_processor(
@@ -273,51 +283,46 @@ def build_model_and_processor(
     uses_default_data: bool,
     id2label: dict[int, str],
     auto_class: type = AutoModelForImageClassification,
-    **config_kwargs,
 ):
     """A classifier (or another `auto_class` model) for the data's labels and the image processor that feeds it.
 
-    Fine-tuning a checkpoint whose label set differs replaces its head (`ignore_mismatched_sizes`). `config_kwargs`
-    override config fields the same way as the labels.
+    Fine-tuning a checkpoint whose label set differs replaces its head (`ignore_mismatched_sizes`); overrides that
+    would reshape any other weight are refused.
     """
-    label_kwargs = {
+    labels = {
         "num_labels": len(id2label),
         "id2label": id2label,
         "label2id": {label: index for index, label in id2label.items()},
-        **config_kwargs,
     }
-    if model_args.model_name_or_path:
-        hub_kwargs = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs, **label_kwargs)
-        apply_config_overrides(config, model_args.config_overrides)  # e.g. drop_path_rate for fine-tuning
-        model, loading_info = auto_class.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=True,  # only the head may be replaced: checked below
-            attn_implementation=model_args.attn_implementation,
-            output_loading_info=True,
-            **hub_kwargs,
-        )
-        reshaped = [key for key, *_ in loading_info["mismatched_keys"] if key.startswith(f"{model.base_model_prefix}.")]
-        if reshaped:
-            raise ValueError(
-                f"The config of {model_args.model_name_or_path!r} with `--config_overrides` "
-                f"{model_args.config_overrides!r} no longer fits {len(reshaped)} of its encoder weights (e.g. "
-                f"{reshaped[:3]}); override only fields that keep the shapes, such as dropout rates."
-            )
-        processor_source = model_args.image_processor_name or model_args.model_name_or_path
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(processor_source, **hub_kwargs)
-        except OSError:
-            logger.warning("No image processor in %s: using defaults for the model's size.", processor_source)
-            image_processor = default_image_processor(to_pair(config.image_size), config.num_channels)
-    else:
-        config = build_config(model_args, uses_default_data, **label_kwargs)
+    config = resolve_config(model_args, uses_default_data, **labels)
+    if not model_args.model_name_or_path:
         model = auto_class.from_config(config, attn_implementation=model_args.attn_implementation)
         if model_args.image_processor_name:
-            image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name)
-        else:
-            image_processor = default_image_processor(to_pair(config.image_size), config.num_channels)
+            return model, AutoImageProcessor.from_pretrained(model_args.image_processor_name)
+        return model, default_image_processor(to_pair(config.image_size), config.num_channels)
+    hub_kwargs = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+    model, loading_info = auto_class.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        ignore_mismatched_sizes=True,  # only the head may be replaced: checked below
+        attn_implementation=model_args.attn_implementation,
+        output_loading_info=True,
+        **hub_kwargs,
+    )
+    model.check_encoder_loaded(model_args.model_name_or_path, loading_info)
+    reshaped = [key for key, *_ in loading_info["mismatched_keys"] if key.startswith(f"{model.base_model_prefix}.")]
+    if reshaped:
+        raise ValueError(
+            f"The config of {model_args.model_name_or_path!r} with `--config_overrides` "
+            f"{model_args.config_overrides!r} no longer fits {len(reshaped)} of its encoder weights (e.g. "
+            f"{reshaped[:3]}); override only fields that keep the shapes, such as dropout rates."
+        )
+    processor_source = model_args.image_processor_name or model_args.model_name_or_path
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(processor_source, **hub_kwargs)
+    except OSError:
+        logger.warning("No image processor in %s: using defaults for the model's size.", processor_source)
+        image_processor = default_image_processor(to_pair(config.image_size), config.num_channels)
     return model, image_processor
 
 
@@ -388,17 +393,16 @@ class PreparedData:
 def prepare_data_and_model(
     model_args: ModelArguments,
     data_args: DataArguments,
-    seed: int,
+    training_args: ViTTrainingArguments,
     auto_class: type = AutoModelForImageClassification,
     labeled: bool = True,
-    **config_kwargs,
 ) -> PreparedData:
     """Load and validate the data, build the model for its labels, and the transforms: shared by both training loops
-    and by pre-training (`auto_class` and `config_kwargs` as in `build_model_and_processor`; `labeled=False` reads an
-    image folder as unlabeled images, see `data.build_datasets`).
+    and by pre-training (`auto_class` as in `build_model_and_processor`; `labeled=False` reads an image folder as
+    unlabeled images, see `data.build_datasets`). A run on the CPU gets the model with `optimize_for_cpu` applied.
 
-    The training transform draws its crops from torch's global generator (seeded by `set_seed`); each loop decides
-    how that generator is kept reproducible across a resume.
+    Both loops feed the training split through `PreparedData.model_inputs`, which seeds every example's crop on its
+    own, so that a resumed run draws exactly the crops of an uninterrupted one.
     """
     splits = build_datasets(
         dataset_name=data_args.dataset_name,
@@ -408,15 +412,15 @@ def prepare_data_and_model(
         image_column=data_args.image_column,
         label_column=data_args.label_column,
         validation_size=data_args.validation_size,
-        seed=seed,
+        seed=training_args.seed,
         cache_dir=model_args.cache_dir,
         labeled=labeled,
     )
     uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
     id2label, _ = label_maps(splits["train"])
-    model, image_processor = build_model_and_processor(
-        model_args, uses_default_data, id2label, auto_class, **config_kwargs
-    )
+    model, image_processor = build_model_and_processor(model_args, uses_default_data, id2label, auto_class)
+    if training_args.use_cpu:
+        optimize_for_cpu(model)
     limits = {
         "train": data_args.max_train_samples,
         "validation": data_args.max_eval_samples,
@@ -432,7 +436,6 @@ def prepare_data_and_model(
         train=True,
         horizontal_flip=data_args.horizontal_flip,
         crop_scale=(data_args.min_crop_scale, 1.0) if data_args.min_crop_scale < 1.0 else None,
-        seed=None,
     )
     eval_transform = ImageClassificationTransform(image_processor, num_channels=num_channels, train=False)
     return PreparedData(splits, model, image_processor, train_transform, eval_transform)
@@ -444,7 +447,7 @@ def prepare_output_folder(model: PreTrainedModel, training_args: TrainingArgumen
     if training_args.should_save:
         footprint = training_footprint(model.num_parameters(), training_args.save_total_limit)
         check_output_folder(training_args.output_dir, footprint)
-        discard_incomplete_checkpoints(training_args.output_dir)
+        discard_incomplete_checkpoints(training_args.output_dir, TRAINER_CHECKPOINTS)
 
 
 def run_trainer(trainer: Trainer, training_args: TrainingArguments):
@@ -453,13 +456,14 @@ def run_trainer(trainer: Trainer, training_args: TrainingArguments):
     Returns `trainer.train()`'s result; Ctrl-C becomes `TrainingInterrupted`, which names the checkpoint that survived.
     """
     output_dir = training_args.output_dir
-    resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, TRAINER_CHECKPOINTS)
     try:
-        return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         if training_args.should_save:
-            discard_incomplete_checkpoints(output_dir)
-        raise TrainingInterrupted(interrupted_message(last_complete_checkpoint(output_dir), output_dir)) from None
+            discard_incomplete_checkpoints(output_dir, TRAINER_CHECKPOINTS)
+        newest = newest_complete_checkpoint(output_dir, TRAINER_CHECKPOINTS)
+        raise TrainingInterrupted(interrupted_message(newest, output_dir)) from None
 
 
 def trainer_callbacks(training_args: ViTTrainingArguments) -> list[TrainerCallback]:
@@ -515,7 +519,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
     """Train, evaluate on validation and test, save model, processor, metrics and curve; return the metrics."""
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
-    prepared = prepare_data_and_model(model_args, data_args, training_args.seed)
+    prepared = prepare_data_and_model(model_args, data_args, training_args)
     model, image_processor, splits = prepared.model, prepared.image_processor, prepared.splits
     raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
     datasets = prepared.model_inputs(training_args.seed)
