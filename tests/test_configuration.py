@@ -67,7 +67,17 @@ def test_unknown_preset_is_rejected(name):
         ({"layer_norm_eps": 0.0}, "`layer_norm_eps` must be positive"),
         ({"initializer_range": -0.02}, "`initializer_range` must be non-negative"),
         ({"hidden_act": "swishy"}, "`hidden_act` 'swishy' is unknown"),
-        ({"pooling": "max"}, r"`pooling` must be one of \('cls', 'mean'\)"),
+        ({"pooling": "max"}, r"`pooling` must be one of \('cls', 'mean', 'cls_mean', 'map', 'none'\)"),
+        ({"mlp_type": "swiglu"}, r"`mlp_type` must be one of \('mlp', 'glu'\)"),
+        ({"num_register_tokens": -1}, r"`num_register_tokens` must be a non-negative integer"),
+        ({"class_token": False}, r"`pooling='cls'` needs the class token"),
+        (
+            {"class_token": False, "pooling": "mean", "distillation_token": True},
+            r"`distillation_token` needs the class",
+        ),
+        ({"distillation_token": True, "pooling": "mean"}, r"`distillation_token` pairs with `pooling='cls'`"),
+        ({"fc_norm": True, "pooling": "none"}, r"`fc_norm=True` normalises the pooled"),
+        ({"layer_scale_init_value": 0.0}, r"`layer_scale_init_value` must be positive"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(overrides, message):

@@ -179,9 +179,15 @@ def test_bad_transformers_checkpoints_list_the_offending_keys():
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.fc1\.weight: \(47, 32\) != expected \(48, 32\)"):
         convert_from_transformers(state_dict, source.config)
 
+
+
+def test_unused_source_weights_are_dropped_with_a_note(caplog):
+    """A masked-image-modeling mask token (ViT's SimMIM head, DINOv2's unused one) is not part of the encoder."""
+    source = hf_model(num_labels=3)
     state_dict = dict(source.state_dict(), **{"vit.embeddings.mask_token": torch.zeros(1, 1, 32)})
-    with pytest.raises(ValueError, match="mask token"):
-        convert_from_transformers(state_dict, source.config)
+    with caplog.at_level(logging.WARNING, logger="hf_vit_custom.conversion"):
+        _config, converted = convert_from_transformers(state_dict, source.config)
+    assert "mask token" in caplog.text and not any("mask_token" in key for key in converted)
 
 
 def test_expected_shapes_match_the_model():
@@ -298,19 +304,20 @@ def test_timm_layout_parity_without_timm():
 @pytest.mark.parametrize(
     ("extra", "feature"),
     [
-        ({"reg_token": torch.zeros(1, 4, 32)}, "register tokens"),
-        ({"blocks.0.ls1.gamma": torch.ones(32)}, "layer scale"),
-        ({"fc_norm.weight": torch.ones(32)}, "fc_norm"),
-        ({"blocks.0.attn.q_norm.weight": torch.ones(8)}, "qk_norm"),
+        ({"patch_embed.norm.weight": torch.ones(32)}, "patch embedding norm"),
+        ({"blocks.0.attn.norm.weight": torch.ones(32)}, "scale_attn_norm"),
+        ({"blocks.0.mlp.norm.weight": torch.ones(48)}, "scale_mlp_norm"),
+        ({"blocks.0.attn.q_bias": torch.zeros(32)}, "separate q/v biases"),
+        ({"blocks.0.attn.rope.freqs": torch.zeros(4)}, "RoPE"),
     ],
 )
 def test_timm_unsupported_variants_are_named(extra, feature):
     state_dict = timm_state_dict(hf_model(num_labels=3)) | extra
     with pytest.raises(ValueError, match=feature):
         convert_from_timm(state_dict, num_heads=4)
-    no_cls = {key: value for key, value in timm_state_dict(hf_model(num_labels=3)).items() if key != "cls_token"}
-    with pytest.raises(ValueError, match="no class token"):
-        convert_from_timm(no_cls, num_heads=4)
+    no_positions = {key: value for key, value in timm_state_dict(hf_model(num_labels=3)).items() if key != "pos_embed"}
+    with pytest.raises(ValueError, match="no `pos_embed`"):
+        convert_from_timm(no_positions, num_heads=4)
 
 
 def test_timm_model_parity():

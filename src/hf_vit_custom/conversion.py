@@ -23,19 +23,20 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .configuration_vit_custom import MODEL_SIZES, ViTCustomConfig, to_pair
+from .configuration_vit_custom import ViTCustomConfig, to_pair
 from .modeling_vit_custom import ViTCustomForImageClassification, ViTCustomModel, resample_patch_positions
 
 logger = logging.getLogger(__name__)
 
-# The LayerNorm epsilon of the JAX release and of timm (flax and timm both default to 1e-6).
-JAX_TIMM_LAYER_NORM_EPS = 1e-6
+# The LayerNorm epsilon of the JAX release (flax's default).
+JAX_LAYER_NORM_EPS = 1e-6
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -71,10 +72,12 @@ def expected_shapes(config: ViTCustomConfig, with_head: bool) -> dict[str, tuple
     return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
-def _check_keys(source: str, keys: Iterable[str], required: Iterable[str], optional: Iterable[str] = ()) -> None:
-    """Raise one `ValueError` listing every missing and every unknown key."""
+def _check_keys(
+    source: str, keys: Iterable[str], required: Iterable[str], optional: Iterable[str] = (), missing: Iterable[str] = ()
+) -> None:
+    """Raise one `ValueError` listing every missing and every unknown key (`missing`: ones known missing already)."""
     keys, required = set(keys), list(required)
-    missing = [key for key in required if key not in keys]
+    missing = [*missing, *(key for key in required if key not in keys)]
     unknown = sorted(keys - set(required) - set(optional))
     if missing or unknown:
         lines = [f"Cannot convert this {source} checkpoint:"]
@@ -99,11 +102,18 @@ def _check_unsupported(source: str, keys: Iterable[str], rules: Iterable[tuple[s
         raise ValueError(f"Unsupported {source} variant, ViTCustom has no {details}.")
 
 
-def _finalize(source: str, config: ViTCustomConfig, base: dict[str, torch.Tensor], head: dict[str, torch.Tensor]):
-    """Add the `vit.` prefix when there is a head, then compare every shape with the model's."""
+def _finalize(
+    source: str,
+    config: ViTCustomConfig,
+    base: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    missing: Iterable[str] = (),
+):
+    """Add the `vit.` prefix when there is a head, then compare every key and shape with the model's (`missing`:
+    source keys found missing already, reported with the rest)."""
     state_dict = {f"vit.{key}": value for key, value in base.items()} | head if head else dict(base)
     expected = expected_shapes(config, with_head=bool(head))
-    _check_keys(source, state_dict, expected)
+    _check_keys(source, state_dict, expected, missing=missing)
     wrong = [
         f"{key}: {tuple(value.shape)} != expected {expected[key]}"
         for key, value in state_dict.items()
@@ -192,7 +202,7 @@ def _split_head(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# transformers ViT
+# transformers: vit, deit, dinov2, dinov2_with_registers, siglip, clip, vit_mae, vit_msn
 # ---------------------------------------------------------------------------------------------------------------------
 
 # transformers < 5 stored ViT with BERT-style module names; transformers 5.x renames them at load time with the
@@ -206,127 +216,288 @@ TRANSFORMERS_OLD_TO_NEW = (
     (r"\.intermediate\.dense\.", ".mlp.fc1."),
     (r"\.output\.dense\.", ".mlp.fc2."),  # after `attention.output.dense`, which it would also match
 )
+# Every family's 5.x names -> ours, applied in order after `TRANSFORMERS_OLD_TO_NEW` and after the encoder prefix
+# (`vit.`, `dinov2.`, `vision_model.`, ...) is stripped. Every Linear / LayerNorm / Conv2d is laid out as ours; what
+# needs more than a rename (q/k/v and gate/up fusion, CLIP's unbatched class and position embeddings, SigLIP's packed
+# in-projection, the final norm's place) is done by `convert_from_transformers` below.
+TRANSFORMERS_RENAMES = (
+    (r"^encoder\.layers\.(\d+)\.", r"layers.\1."),  # SigLIP, CLIP (DINOv2's `encoder.layer` is renamed above)
+    (r"\.layernorm_before\.", ".norm1."),  # ViT, DeiT, ViT-MAE, ViT-MSN
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"\.layer_norm([12])\.", r".norm\1."),  # SigLIP, CLIP
+    (r"\.self_attn\.out_proj\.", ".attention.proj."),
+    (r"\.self_attn\.", ".attention."),
+    (r"\.attention\.o_proj\.", ".attention.proj."),
+    (r"\.layer_scale([12])\.lambda1$", r".layer_scale\1.gamma"),  # DINOv2
+    (r"\.mlp\.weights_in\.", ".mlp.fc1."),  # DINOv2's SwiGLU before 5.x: gate and up packed, as ours
+    (r"\.mlp\.weights_out\.", ".mlp.fc2."),
+    (r"\.mlp\.down_proj\.", ".mlp.fc2."),
+    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
+    (r"^embeddings\.position_embedding\.weight$", "embeddings.position_embeddings"),
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^pre_layrnorm\.", "pre_layernorm."),
+    (r"^head\.probe$", "attention_pool.probe"),  # SigLIP's attention-pooling head
+    (r"^head\.attention\.out_proj\.", "attention_pool.proj."),
+    (r"^head\.layernorm\.", "attention_pool.norm."),
+    (r"^head\.mlp\.", "attention_pool.mlp."),
+    (r"^cls_classifier\.", "classifier."),  # DeiT with a teacher: the class token's head
+)
+# Weights of a source that the converted model does not need, each dropped with a note.
+TRANSFORMERS_DROPPED = (
+    (r"^pooler\.dense\.", "the pooler (dense + tanh on the class token, unused by the classifiers)"),
+    (r"^embeddings\.mask_token$", "the mask token (only masked-image-modeling training uses it)"),
+    (r"^decoder\.", "the masked-autoencoder decoder (the encoder is converted)"),
+    (r"^(text_model|text_projection|visual_projection)\.|^logit_(scale|bias)$", "the text tower and projections"),
+)
 
-# transformers 5.x layer -> ours; a pure rename (same `nn.Linear` / `nn.LayerNorm` layout), except q/k/v (below).
-TRANSFORMERS_LAYER_RENAMES = {
-    "layernorm_before": "norm1",  # pre-attention LayerNorm
-    "attention.o_proj": "attention.proj",
-    "layernorm_after": "norm2",  # pre-MLP LayerNorm
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
+
+@dataclass(frozen=True)
+class TransformersFamily:
+    """What a transformers `model_type` needs beyond the shared renames."""
+
+    prefixes: tuple[str, ...]  # where the encoder sits in the family's models
+    knobs: Callable[[dict[str, Any]], dict[str, Any]] = lambda source: {}  # source config -> our knobs
+    final_norm: str = "layernorm"  # our module for the source's `post_layernorm`
+    # Fold the class token's position embedding into the class token, because the registers between them have none.
+    fold_class_position: bool = False
+
+
+def _dinov2_knobs(source: dict[str, Any]) -> dict[str, Any]:
+    intermediate_size = int(source["hidden_size"] * source.get("mlp_ratio", 4))
+    knobs = {"layer_scale_init_value": source.get("layerscale_value", 1.0), "intermediate_size": intermediate_size}
+    if source.get("use_swiglu_ffn"):
+        # DINOv2's SwiGLU keeps two thirds of the MLP width, rounded up to a multiple of 8.
+        knobs |= {
+            "mlp_type": "glu",
+            "hidden_act": "silu",
+            "intermediate_size": (intermediate_size * 2 // 3 + 7) // 8 * 8,
+        }
+    return knobs
+
+
+TRANSFORMERS_FAMILIES = {
+    "vit": TransformersFamily(("vit.",)),
+    "vit_msn": TransformersFamily(("vit.",)),
+    "vit_mae": TransformersFamily(("vit.",)),
+    "deit": TransformersFamily(("deit.",), lambda source: {"distillation_token": True}),
+    "dinov2": TransformersFamily(("dinov2.",), _dinov2_knobs),
+    "dinov2_with_registers": TransformersFamily(
+        ("dinov2_with_registers.",),
+        lambda source: (
+            _dinov2_knobs(source)
+            | {
+                "num_register_tokens": source["num_register_tokens"],
+                "no_embed_class": True,
+                "interpolate_antialias": True,
+            }
+        ),
+        fold_class_position=True,
+    ),
+    "siglip_vision_model": TransformersFamily(
+        ("vision_model.",),
+        lambda source: {
+            "class_token": False,
+            "pooling": "map" if source.get("vision_use_head", True) else "none",
+            "qkv_bias": True,
+        },
+    ),
+    "clip_vision_model": TransformersFamily(
+        ("vision_model.",),
+        lambda source: {"pre_norm": True, "patch_embedding_bias": False, "fc_norm": True, "qkv_bias": True},
+        final_norm="fc_norm",
+    ),
 }
-# Keys outside the layers that keep their name.
-TRANSFORMERS_SHARED_KEYS = (
-    "embeddings.cls_token",
-    "embeddings.position_embeddings",
-    "embeddings.patch_embeddings.projection.weight",
-    "embeddings.patch_embeddings.projection.bias",
-    "layernorm.weight",
-    "layernorm.bias",
-)
-TRANSFORMERS_UNSUPPORTED = (
-    (r"(^|\.)embeddings\.mask_token$", "mask token (ViTForMaskedImageModeling)"),
-    (r"^decoder\.", "masked-image-modeling decoder"),
-)
+# A full SigLIP or CLIP checkpoint converts its vision tower.
+TRANSFORMERS_VISION_TOWERS = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
 
 
-def _transformers_config_dict(vit_config: Any) -> dict[str, Any]:
-    return vit_config.to_dict() if hasattr(vit_config, "to_dict") else dict(vit_config)
+def _transformers_config_dict(source_config: Any) -> dict[str, Any]:
+    """The config as a dict; a full SigLIP / CLIP config gives its `vision_config`."""
+    source = source_config.to_dict() if hasattr(source_config, "to_dict") else dict(source_config)
+    if tower := TRANSFORMERS_VISION_TOWERS.get(source.get("model_type")):
+        vision = source["vision_config"]
+        source = {"model_type": tower, **(vision.to_dict() if hasattr(vision, "to_dict") else vision)}
+    return source
 
 
-def config_from_transformers(vit_config: Any, num_labels: int | None = None) -> ViTCustomConfig:
-    """`ViTConfig` (or its dict) -> `ViTCustomConfig`; every architectural field is copied as it is.
+def _transformers_family(source: dict[str, Any]) -> tuple[str, TransformersFamily]:
+    model_type = source.get("model_type") or "vit"
+    model_type = TRANSFORMERS_VISION_TOWERS.get(model_type, model_type)
+    if model_type not in TRANSFORMERS_FAMILIES:
+        raise ValueError(
+            f"transformers `model_type` {model_type!r} is not supported; supported: "
+            f"{sorted([*TRANSFORMERS_FAMILIES, *TRANSFORMERS_VISION_TOWERS])}."
+        )
+    return model_type, TRANSFORMERS_FAMILIES[model_type]
 
-    `layer_norm_eps` in particular keeps transformers' default of 1e-12 (ours is 1e-6): the outputs would differ
-    otherwise. `num_labels` is the head's width; labels come from `id2label` when it has that many entries.
+
+def config_from_transformers(source_config: Any, num_labels: int | None = None, pooling: str | None = None):
+    """A transformers config (or its dict) of a supported family -> `ViTCustomConfig`.
+
+    Every architectural field is copied as it is; `layer_norm_eps` in particular keeps transformers' ViT default of
+    1e-12 (ours is 1e-6): the outputs would differ otherwise. `num_labels` is the head's width; labels come from
+    `id2label` when it has that many entries. `pooling` overrides the family's (a task head's own pooling).
     """
-    source = _transformers_config_dict(vit_config)
+    source = _transformers_config_dict(source_config)
+    _, family = _transformers_family(source)
     kwargs = {name: source[name] for name in SHARED_CONFIG_FIELDS if name in source}
+    if "attention_dropout" in source:  # SigLIP and CLIP's name
+        kwargs["attention_probs_dropout_prob"] = source["attention_dropout"]
+    kwargs |= family.knobs(source)
+    if pooling is not None:
+        kwargs["pooling"] = pooling
     id2label = source.get("id2label")
     if num_labels is not None:
         kwargs |= _label_kwargs(num_labels, id2label if id2label and len(id2label) == num_labels else None)
-    return ViTCustomConfig(**kwargs, pooling="cls")
+    return ViTCustomConfig(**kwargs)
+
+
+def _fuse(tensors: dict[str, torch.Tensor], parts: Iterable[str], fused: str) -> list[str]:
+    """Concatenate the rows of `{layer}.{part}.{weight,bias}` into `{layer}.{fused}.*`, in place, for every layer.
+
+    Our fused projections are one Linear whose output rows are the parts' rows one after the other (q, k, v heads-major
+    as the separate projections order theirs; the gate before the up projection), so fusion is a concatenation.
+    Returns the parts that some layer lacks, for the error report.
+    """
+    parts = list(parts)
+    missing = []
+    for key in [key for key in tensors if re.fullmatch(rf"layers\.\d+\.{re.escape(parts[0])}\.(weight|bias)", key)]:
+        layer, parameter = key.rsplit(f".{parts[0]}.", 1)
+        names = [f"{layer}.{part}.{parameter}" for part in parts]
+        missing += [name for name in names if name not in tensors]
+        if all(name in tensors for name in names):
+            tensors[f"{layer}.{fused}.{parameter}"] = torch.cat([tensors.pop(name) for name in names], dim=0)
+    return missing
 
 
 def convert_from_transformers(
-    state_dict: Mapping[str, torch.Tensor], vit_config: Any, pooler: str = "drop"
+    state_dict: Mapping[str, torch.Tensor], source_config: Any, pooler: str = "drop"
 ) -> tuple[ViTCustomConfig, dict[str, torch.Tensor]]:
-    """transformers ViT state dict (new or old layout, with or without the `vit.` prefix) + its `ViTConfig` -> ours.
+    """A transformers state dict (5.x layout, or ViT's older BERT-style one) + its config -> ours.
 
-    `ViTModel`'s pooler (dense + tanh on the class token) has no counterpart in `ViTCustom`, whose `pooler_output`
-    is the class token itself: with `pooler="drop"` (the default) its weights are dropped and a warning logged, with
-    `pooler="error"` the conversion refuses.
+    Families: `vit`, `deit` (a teacher model's two heads are averaged, as DeiT predicts), `dinov2` (its classifier's
+    class-token-and-mean input becomes `pooling="cls_mean"`), `dinov2_with_registers`, `siglip_vision_model` and
+    `siglip`, `clip_vision_model` and `clip` (a full checkpoint gives its vision tower), `vit_mae` (the encoder) and
+    `vit_msn`. Weights the converted model does not use (poolers, mask tokens, a text tower) are dropped with a logged
+    note; with `pooler="error"` a ViT pooler refuses instead.
     """
     if pooler not in ("drop", "error"):
         raise ValueError(f"`pooler` must be 'drop' or 'error', got {pooler!r}.")
+    source = _transformers_config_dict(source_config)
+    model_type, family = _transformers_family(source)
+    source_name = f"transformers {model_type}"
     renamed = {}
     for key, value in state_dict.items():
         for pattern, replacement in TRANSFORMERS_OLD_TO_NEW:
             key = re.sub(pattern, replacement, key)
         renamed[key] = value
-    _check_unsupported("transformers ViT", renamed, TRANSFORMERS_UNSUPPORTED)
-    # ViTForImageClassification nests the encoder under `vit.`; a bare ViTModel has no prefix.
-    prefix = "vit." if any(key.startswith("vit.") for key in renamed) else ""
-    tensors = {key.removeprefix(prefix): value for key, value in renamed.items()}
+    prefix = next((p for p in family.prefixes if any(key.startswith(p) for key in renamed)), "")
+    tensors = {}
+    for key, value in renamed.items():
+        key = key.removeprefix(prefix)
+        for pattern, replacement in TRANSFORMERS_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        tensors[key] = value
 
-    pooler_keys = [key for key in ("pooler.dense.weight", "pooler.dense.bias") if key in tensors]
-    if pooler_keys:
-        if pooler == "error":
-            raise ValueError(
-                f"The checkpoint has a pooler ({pooler_keys}: dense + tanh on the class token) and ViTCustom has "
-                "none; convert with pooler='drop' to keep only the encoder."
-            )
-        logger.warning(
-            "Dropping transformers' ViT pooler %s: ViTCustom has no pooler, its `pooler_output` is the class token "
-            "after the final LayerNorm (`last_hidden_state` is unaffected).",
-            pooler_keys,
-        )
-    has_head = "classifier.weight" in tensors
-    num_layers = _num_layers(tensors, r"layers\.(\d+)\.")
-    qkv_bias = "layers.0.attention.q_proj.bias" in tensors
-    layer_keys = [
-        f"{old}.{p}"
-        for old in (*TRANSFORMERS_LAYER_RENAMES, "attention.q_proj", "attention.k_proj", "attention.v_proj")
-        for p in ("weight", "bias")
-    ]
-    if not qkv_bias:
-        layer_keys = [key for key in layer_keys if not re.fullmatch(r"attention\.[qkv]_proj\.bias", key)]
-    required = [*TRANSFORMERS_SHARED_KEYS, *(f"layers.{i}.{key}" for i in range(num_layers) for key in layer_keys)]
-    if has_head:
-        required += ["classifier.weight", "classifier.bias"]
-    _check_keys("transformers ViT", tensors, required, optional=pooler_keys)
-
-    config = config_from_transformers(
-        vit_config, num_labels=tensors["classifier.weight"].shape[0] if has_head else None
-    )
-    if config.num_hidden_layers != num_layers or config.qkv_bias != qkv_bias:
+    dropped = {note: [key for key in tensors if re.search(pattern, key)] for pattern, note in TRANSFORMERS_DROPPED}
+    dropped = {note: keys for note, keys in dropped.items() if keys}
+    pooler_keys = [key for key in tensors if key.startswith("pooler.")]
+    if pooler_keys and pooler == "error":
         raise ValueError(
-            f"The config says {config.num_hidden_layers} layers and qkv_bias={config.qkv_bias}, the weights have "
-            f"{num_layers} layers and qkv_bias={qkv_bias}."
+            f"The checkpoint has a pooler ({pooler_keys}: dense + tanh on the class token) and ViTCustom has "
+            "none; convert with pooler='drop' to keep only the encoder."
         )
-    base = {key: tensors[key] for key in TRANSFORMERS_SHARED_KEYS}
-    for i in range(num_layers):
-        for old, new in TRANSFORMERS_LAYER_RENAMES.items():
-            for p in ("weight", "bias"):
-                base[f"layers.{i}.{new}.{p}"] = tensors[f"layers.{i}.{old}.{p}"]
-        # Fusion: our qkv is one Linear whose output rows are [q; k; v], each block heads-major (head h owns rows
-        # h * head_dim ... (h + 1) * head_dim), which is exactly how q_proj/k_proj/v_proj order their rows.
-        for p in ("weight", "bias") if qkv_bias else ("weight",):
-            base[f"layers.{i}.attention.qkv.{p}"] = torch.cat(
-                [tensors[f"layers.{i}.attention.{name}_proj.{p}"] for name in "qkv"], dim=0
-            )
-    head = {key: tensors[key] for key in ("classifier.weight", "classifier.bias")} if has_head else {}
-    return _finalize("transformers ViT", config, base, head)
+    for note, keys in dropped.items():
+        logger.warning("Dropping %s: %s.", note, keys if len(keys) <= 4 else f"{keys[:4]} and {len(keys) - 4} more")
+        for key in keys:
+            del tensors[key]
+
+    missing = _fuse(tensors, ("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attention.qkv")
+    # DINOv2's SwiGLU: gate rows first, as ours.
+    missing += _fuse(tensors, ("mlp.gate_proj", "mlp.up_proj"), "mlp.fc1")
+    if "post_layernorm.weight" in tensors:  # SigLIP and CLIP's final norm; CLIP's normalises the pooled class token
+        for parameter in ("weight", "bias"):
+            tensors[f"{family.final_norm}.{parameter}"] = tensors.pop(f"post_layernorm.{parameter}")
+    if (cls_token := tensors.get("embeddings.cls_token")) is not None and cls_token.ndim == 1:  # CLIP: (hidden,)
+        tensors["embeddings.cls_token"] = cls_token.reshape(1, 1, -1)
+    if (positions := tensors.get("embeddings.position_embeddings")) is not None and positions.ndim == 2:
+        tensors["embeddings.position_embeddings"] = positions.unsqueeze(0)  # SigLIP, CLIP: an nn.Embedding
+    if "attention_pool.probe" in tensors:  # SigLIP: nn.MultiheadAttention packs q, k, v; ours packs k and v
+        hidden_size = tensors["attention_pool.probe"].shape[-1]
+        for parameter in ("weight", "bias"):
+            packed = tensors.pop(f"head.attention.in_proj_{parameter}")
+            tensors[f"attention_pool.q.{parameter}"] = packed[:hidden_size]
+            tensors[f"attention_pool.kv.{parameter}"] = packed[hidden_size:]
+    if family.fold_class_position and "embeddings.cls_token" in tensors:
+        # DINOv2 with registers gives the class token a position and the registers none: a constant per token, so
+        # it is added to the class token once here and the model gives no prefix token a position.
+        positions = tensors["embeddings.position_embeddings"]
+        tensors["embeddings.cls_token"] = tensors["embeddings.cls_token"] + positions[:, :1]
+        tensors["embeddings.position_embeddings"] = positions[:, 1:]
+
+    head_keys = [key for key in tensors if key.startswith(("classifier.", "distillation_classifier."))]
+    head = {key: tensors.pop(key) for key in head_keys}
+    if model_type == "deit" and head and "distillation_classifier.weight" not in head:
+        raise ValueError(
+            "DeiTForImageClassification puts its head on the class token alone, beside a distillation token; "
+            "ViTCustom averages the heads of both tokens (DeiTForImageClassificationWithTeacher). Convert the "
+            "encoder (DeiTModel) and train a new head."
+        )
+    if model_type in ("siglip_vision_model", "clip_vision_model") and head:
+        raise ValueError(
+            f"transformers' {model_type.split('_')[0].upper()} image classifier pools the un-normalised tokens, which "
+            "ViTCustom does not express; convert the vision model and train a new head."
+        )
+    pooling = "cls_mean" if model_type.startswith("dinov2") and head else None
+    num_labels = head["classifier.weight"].shape[0] if head else None
+    config = config_from_transformers(source, num_labels=num_labels, pooling=pooling)
+    _check_layer_count(source_name, config, tensors)
+    return _finalize(source_name, config, tensors, head, missing)
+
+
+def _check_layer_count(source: str, config: ViTCustomConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    num_layers = _num_layers(tensors, r"layers\.(\d+)\.")
+    if config.num_hidden_layers != num_layers:
+        raise ValueError(f"The {source} config says {config.num_hidden_layers} layers, the weights have {num_layers}.")
+
+
+# The knobs transformers' ViT does not have, with the value that matches it.
+TRANSFORMERS_VIT_KNOBS = {
+    "pooling": "cls",
+    "class_token": True,
+    "num_register_tokens": 0,
+    "distillation_token": False,
+    "no_embed_class": False,
+    "fc_norm": False,
+    "final_norm": True,
+    "layer_scale_init_value": None,
+    "qk_norm": False,
+    "mlp_type": "mlp",
+    "pre_norm": False,
+    "patch_embedding_bias": True,
+    "interpolate_antialias": False,
+}
 
 
 def config_to_transformers(config: ViTCustomConfig, with_head: bool) -> dict[str, Any]:
-    """`ViTCustomConfig` -> keyword arguments of transformers' `ViTConfig`."""
-    if config.pooling != "cls":
-        raise ValueError(f"transformers' ViT pools the class token; pooling={config.pooling!r} has no equivalent.")
+    """`ViTCustomConfig` -> keyword arguments of transformers' `ViTConfig`, for the 2020 ViT's knobs only."""
+    differing = {
+        name: getattr(config, name) for name, value in TRANSFORMERS_VIT_KNOBS.items() if getattr(config, name) != value
+    }
+    if differing:
+        raise ValueError(f"transformers' ViT has no equivalent of {differing}; export to timm instead (`--to timm`).")
     kwargs = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
     if with_head:
         kwargs |= {"id2label": dict(config.id2label), "label2id": dict(config.label2id)}
     return kwargs
+
+
+# Our layer modules -> transformers 5.x ViT's, where the names differ (q/k/v are split from our fused qkv).
+TRANSFORMERS_VIT_LAYER_NAMES = {
+    "norm1": "layernorm_before",
+    "attention.proj": "attention.o_proj",
+    "norm2": "layernorm_after",
+}
 
 
 def convert_to_transformers(
@@ -336,148 +507,344 @@ def convert_to_transformers(
     (`add_pooling_layer=False`); returns `ViTConfig` keyword arguments and the state dict."""
     base, head = _split_head(state_dict)
     _finalize("ViTCustom", config, base, head)  # validates keys and shapes
-    hidden = config.hidden_size
-    out = {key: base[key] for key in TRANSFORMERS_SHARED_KEYS}
-    for i in range(config.num_hidden_layers):
-        for old, new in TRANSFORMERS_LAYER_RENAMES.items():
-            for p in ("weight", "bias"):
-                out[f"layers.{i}.{old}.{p}"] = base[f"layers.{i}.{new}.{p}"]
-        # Split: the inverse of the fusion above, rows [0, D) are q, [D, 2D) k, [2D, 3D) v.
-        for p in ("weight", "bias") if config.qkv_bias else ("weight",):
-            for name, part in zip("qkv", base[f"layers.{i}.attention.qkv.{p}"].split(hidden, dim=0), strict=True):
-                out[f"layers.{i}.attention.{name}_proj.{p}"] = part.contiguous()
+    vit_kwargs = config_to_transformers(config, with_head=bool(head))
+    out = {}
+    for key, value in base.items():
+        if match := re.fullmatch(r"(layers\.\d+)\.attention\.qkv\.(weight|bias)", key):
+            # Split: the inverse of the fusion, rows [0, D) are q, [D, 2D) k, [2D, 3D) v.
+            for name, part in zip("qkv", value.split(config.hidden_size, dim=0), strict=True):
+                out[f"{match[1]}.attention.{name}_proj.{match[2]}"] = part.contiguous()
+            continue
+        for ours, theirs in TRANSFORMERS_VIT_LAYER_NAMES.items():
+            key = key.replace(f".{ours}.", f".{theirs}.")
+        out[key] = value
     if head:
         out = {f"vit.{key}": value for key, value in out.items()} | head
-    return config_to_transformers(config, with_head=bool(head)), out
+    return vit_kwargs, out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # timm VisionTransformer
 # ---------------------------------------------------------------------------------------------------------------------
 
-# timm -> ours, a pure rename: timm's `Attention` reshapes its fused qkv output to (batch, tokens, 3, heads,
-# head_dim), the same [q; k; v], heads-major row order as ours, and every Linear / LayerNorm / Conv2d is laid out as
-# ours (see timm/models/vision_transformer.py in huggingface/pytorch-image-models).
-TIMM_RENAMES = {
-    "cls_token": "embeddings.cls_token",
-    "pos_embed": "embeddings.position_embeddings",
-    "patch_embed.proj.": "embeddings.patch_embeddings.projection.",
-    "norm.": "layernorm.",
-    "head.": "classifier.",
-}
-TIMM_LAYER_RENAMES = {  # blocks.{i}.X -> layers.{i}.Y
-    "norm1": "norm1",
-    "attn.qkv": "attention.qkv",
-    "attn.proj": "attention.proj",
-    "norm2": "norm2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-# Parameters of timm options that change the computation and that ViTCustom does not implement.
+# timm -> ours, a rename (applied in order): timm's `Attention` reshapes its fused qkv output to (batch, tokens, 3,
+# heads, head_dim), the same [q; k; v], heads-major row order as ours; `SwiGLUPacked` packs gate before up as ours;
+# `AttentionPoolLatent` has our attention pool's q / kv / proj / norm / mlp; every Linear / LayerNorm / Conv2d is laid
+# out as ours (timm/models/vision_transformer.py in huggingface/pytorch-image-models).
+TIMM_RENAMES = (
+    (r"^cls_token$", "embeddings.cls_token"),
+    (r"^dist_token$", "embeddings.distillation_token"),
+    (r"^reg_token$", "embeddings.register_tokens"),
+    (r"^pos_embed$", "embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^norm_pre\.", "pre_layernorm."),
+    (r"^blocks\.(\d+)\.", r"layers.\1."),
+    (r"\.attn\.", ".attention."),
+    (r"\.ls([12])\.gamma$", r".layer_scale\1.gamma"),
+    (r"^norm\.", "layernorm."),
+    (r"^attn_pool\.latent$", "attention_pool.probe"),
+    (r"^attn_pool\.", "attention_pool."),
+    (r"^head\.", "classifier."),
+    (r"^head_dist\.", "distillation_classifier."),  # DeiT's distilled models (VisionTransformerDistilled)
+)
+TIMM_TO_OURS_INVERSE = (  # ours -> timm, for `convert_to_timm`
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.distillation_token$", "dist_token"),
+    (r"^embeddings\.register_tokens$", "reg_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^pre_layernorm\.", "norm_pre."),
+    (r"^layers\.(\d+)\.", r"blocks.\1."),
+    (r"\.attention\.", ".attn."),
+    (r"\.layer_scale([12])\.gamma$", r".ls\1.gamma"),
+    (r"^layernorm\.", "norm."),
+    (r"^attention_pool\.probe$", "attn_pool.latent"),
+    (r"^attention_pool\.", "attn_pool."),
+    (r"^classifier\.", "head."),
+    (r"^distillation_classifier\.", "head_dist."),
+)
+# Options of timm's `VisionTransformer` that change the computation and that ViTCustom does not implement.
 TIMM_UNSUPPORTED = (
-    (r"^reg_token$", "register tokens (reg_token)"),
-    (r"^dist_token$", "distillation token (DeiT dist_token)"),
-    (r"\.ls[12]\.gamma$", "layer scale (ls1/ls2.gamma)"),
-    (r"^fc_norm\.", "fc_norm (average pooling head norm)"),
-    (r"\.attn\.[qk]_norm\.", "qk_norm"),
-    (r"^norm_pre\.", "pre-norm (norm_pre)"),
-    (r"^attn_pool\.", "attention pooling (attn_pool)"),
     (r"^patch_embed\.norm\.", "patch embedding norm"),
     (r"\.attn\.norm\.", "attention output norm (scale_attn_norm)"),
     (r"\.mlp\.norm\.", "MLP norm (scale_mlp_norm)"),
-    (r"\.mlp\.fc1_[gx]\.|\.mlp\.w12\.", "gated MLP (SwiGLU)"),
     (r"^pre_logits\.", "pre-logits layer (representation_size)"),
     (r"\.attn\.(q|k|v)_bias$", "separate q/v biases"),
+    (r"^attn_pool\.[qk]_norm\.", "qk-norm in the attention pool"),
+    (r"\.rope\.|^rope\.|freqs", "rotary position embeddings (RoPE, as in EVA-02 and DINOv3)"),
 )
+# SigLIP 2 architectures whose MLP uses tanh-approximated GELU (timm's `gelu_tanh`); every other timm ViT with a
+# plain MLP uses exact GELU or says otherwise in its name. Mirrors timm 1.0.31, checked against it by the timm tests.
+TIMM_GELU_TANH_ARCHITECTURES = frozenset(
+    {
+        "vit_base_patch32_siglip_256",
+        "vit_base_patch32_siglip_gap_256",
+        "vit_giantopt_patch16_siglip_256",
+        "vit_giantopt_patch16_siglip_384",
+        "vit_giantopt_patch16_siglip_gap_256",
+        "vit_giantopt_patch16_siglip_gap_384",
+        "vit_large_patch16_siglip_512",
+        "vit_large_patch16_siglip_gap_512",
+        "vit_so400m_patch16_siglip_256",
+        "vit_so400m_patch16_siglip_384",
+        "vit_so400m_patch16_siglip_512",
+        "vit_so400m_patch16_siglip_gap_256",
+        "vit_so400m_patch16_siglip_gap_384",
+        "vit_so400m_patch16_siglip_gap_512",
+    }
+)
+# Widths whose timm models do not use 64-channel heads, and the architectures that differ from their width's rule.
+TIMM_HEADS_BY_WIDTH = {1152: 16, 1280: 16, 1408: 16, 1664: 16}
+TIMM_HEADS_BY_NAME = {"giantopt": 16, "vit_base_patch16_gap_224": 16}
+# timm activation modules -> `hidden_act`, for reading an architecture built by timm itself.
+TIMM_ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu", "GELUTanh": "gelu_pytorch_tanh", "SiLU": "silu"}
+# `hidden_act` -> timm's `act_layer` name, for `convert_to_timm`.
+TIMM_ACT_LAYERS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}
+TIMM_POOLINGS = {"token": "cls", "avg": "mean", "map": "map", "": "none"}
 
 
-def heads_for_width(hidden_size: int) -> int:
-    """Heads of the standard ViT / DeiT size of this width (timm state dicts do not store the head count)."""
-    for size in MODEL_SIZES.values():
-        if size["hidden_size"] == hidden_size:
-            return size["num_attention_heads"]
-    raise ValueError(f"No standard ViT size has width {hidden_size}: pass `num_heads`.")
+def _timm_name_knobs(architecture: str, hidden_size: int) -> dict[str, Any]:
+    """What a timm architecture's name says that its weights do not: heads, LayerNorm epsilon, activation."""
+    base = architecture.split(".")[0]  # "vit_base_patch16_224.augreg_in21k" -> "vit_base_patch16_224"
+    heads = next((heads for part, heads in TIMM_HEADS_BY_NAME.items() if part == base or part in base.split("_")), None)
+    knobs = {
+        "num_attention_heads": heads or TIMM_HEADS_BY_WIDTH.get(hidden_size, max(hidden_size // 64, 1)),
+        "layer_norm_eps": 1e-5 if "_clip" in base else 1e-6,  # CLIP towers: torch's LayerNorm default
+    }
+    if "quickgelu" in base:
+        knobs["hidden_act"] = "quick_gelu"
+    elif base in TIMM_GELU_TANH_ARCHITECTURES:
+        knobs["hidden_act"] = "gelu_pytorch_tanh"
+    return knobs
+
+
+def _timm_built_knobs(architecture: str, model_args: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The knobs of `architecture` read off timm's own model (built on the meta device), or `None` without timm."""
+    try:
+        import timm
+    except ImportError:  # timm needs torchvision, which not every environment can install
+        return None
+    base = architecture.split(".")[0]
+    if base not in timm.list_models(base):
+        return None
+    with torch.device("meta"):
+        model = timm.create_model(base, pretrained=False, **model_args)
+    block = model.blocks[0]
+    activation = type(getattr(block.mlp, "act", None)).__name__
+    if activation not in TIMM_ACTIVATIONS or (activation == "GELU" and block.mlp.act.approximate != "none"):
+        raise ValueError(f"timm architecture {architecture!r} uses activation {activation}, which ViTCustom lacks.")
+    if getattr(block.mlp, "gate_last", False):
+        raise ValueError(
+            f"timm architecture {architecture!r} gates the second half of its MLP; ViTCustom gates the first."
+        )
+    return {
+        "num_attention_heads": block.attn.num_heads,
+        "layer_norm_eps": block.norm1.eps,
+        "hidden_act": TIMM_ACTIVATIONS[activation],
+        "global_pool": model.global_pool,
+    }
 
 
 def convert_from_timm(
     state_dict: Mapping[str, torch.Tensor],
-    num_heads: int | None = None,
+    architecture: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
     image_size: int | tuple[int, int] | None = None,
-    hidden_act: str = "gelu",
-    layer_norm_eps: float = JAX_TIMM_LAYER_NORM_EPS,
+    num_heads: int | None = None,
+    hidden_act: str | None = None,
+    layer_norm_eps: float | None = None,
+    global_pool: str | None = None,
     id2label: Mapping | None = None,
 ) -> tuple[ViTCustomConfig, dict[str, torch.Tensor]]:
-    """timm `VisionTransformer` (class token, learned position embeddings, `global_pool='token'`) -> ours.
+    """timm `VisionTransformer` (or DeiT's `VisionTransformerDistilled`) -> ours.
 
-    The state dict does not store the head count (default: that of the standard size of this width) nor, for
-    non-square grids, the image size; pass them when they differ. Variants ViTCustom cannot express raise a
-    `ValueError` naming the feature.
+    The weights show most knobs (prefix tokens, layer scale, qk-norm, SwiGLU, pre-norm, final norm placement,
+    attention pooling, biases). What they do not show comes, first to last, from the arguments, the snapshot's
+    `model_args`, timm itself where it imports (reading `architecture`), and the architecture's name: the head count,
+    the LayerNorm epsilon, the activation and the pooling. `image_size` is needed only for a non-square grid.
     """
+    model_args = dict(model_args or {})
     keys = list(state_dict)
     _check_unsupported("timm", keys, TIMM_UNSUPPORTED)
-    if "cls_token" not in state_dict:
-        raise ValueError("Unsupported timm variant: no class token (class_token=False); ViTCustom needs one.")
-    if "pos_embed" not in state_dict:
-        raise ValueError("Unsupported timm variant: no learned position embeddings (pos_embed).")
-    if "patch_embed.proj.weight" not in state_dict:
-        _check_keys("timm", keys, ["patch_embed.proj.weight"], keys)
+    for required in ("patch_embed.proj.weight", "pos_embed"):
+        if required not in state_dict:
+            raise ValueError(
+                f"Unsupported timm variant: no `{required}` (ViTCustom needs a patch projection and "
+                "learned position embeddings)."
+            )
     hidden_size, num_channels, *patch_size = state_dict["patch_embed.proj.weight"].shape
-    positions = state_dict["pos_embed"].shape[1]
-    if image_size is None and math.isqrt(positions) ** 2 == positions:
-        raise ValueError(
-            "Unsupported timm variant: no_embed_class (pos_embed has no row for the class token); pass `image_size` "
-            "if this is a non-square grid with a class token."
-        )
+    tensors = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in TIMM_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        tensors[key] = value
+    # timm's split SwiGLU: gate first, as ours.
+    missing = _fuse(tensors, ("mlp.fc1_g", "mlp.fc1_x"), "mlp.fc1")
+    if "attention_pool.probe" in tensors and tensors["attention_pool.probe"].shape[1] != 1:
+        raise ValueError("Unsupported timm variant: an attention pool with several latent queries (latent_len > 1).")
+
+    # What the weights show.
+    class_token = "embeddings.cls_token" in tensors
+    num_registers = tensors["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in tensors else 0
+    distillation = "embeddings.distillation_token" in tensors
+    num_prefix = int(class_token) + int(distillation) + num_registers
+    positions = tensors["embeddings.position_embeddings"].shape[1]
+    if image_size is None and (size := model_args.get("img_size")):
+        image_size = size
     if image_size is None:
-        image_size = _square_grid(positions - 1, tuple(patch_size), "timm")
+        for prefix_positions in (num_prefix, 0):  # all prefix tokens with positions, or none (`no_embed_class`)
+            if math.isqrt(positions - prefix_positions) ** 2 == positions - prefix_positions:
+                image_size = _square_grid(positions - prefix_positions, tuple(patch_size), "timm")
+                break
+        else:
+            raise ValueError(
+                f"The timm position embeddings ({positions} rows) do not fit a square grid: pass `image_size`."
+            )
     image_size = to_pair(image_size)
     grid = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
-    if positions == grid[0] * grid[1]:
-        raise ValueError("Unsupported timm variant: no_embed_class (pos_embed has no row for the class token).")
-
-    num_layers = _num_layers(keys, r"blocks\.(\d+)\.")
-    qkv_bias = "blocks.0.attn.qkv.bias" in state_dict
-    has_head = "head.weight" in state_dict
-    layer_keys = [f"{old}.{p}" for old in TIMM_LAYER_RENAMES for p in ("weight", "bias")]
-    if not qkv_bias:
-        layer_keys.remove("attn.qkv.bias")
-    required = [
-        "cls_token",
-        "pos_embed",
-        "patch_embed.proj.weight",
-        "patch_embed.proj.bias",
-        "norm.weight",
-        "norm.bias",
-    ]
-    required += [f"blocks.{i}.{key}" for i in range(num_layers) for key in layer_keys]
-    if has_head:
-        required += ["head.weight", "head.bias"]
-    _check_keys("timm", keys, required)
-
-    num_labels = state_dict["head.weight"].shape[0] if has_head else None
+    if positions not in (grid[0] * grid[1], num_prefix + grid[0] * grid[1]):
+        raise ValueError(
+            f"The timm position embeddings hold {positions} rows, which fits neither the {grid[0]}x{grid[1]} grid of "
+            f"image_size {image_size} nor that grid plus {num_prefix} prefix token(s); pass the right `image_size`."
+        )
+    fc_norm = "fc_norm.weight" in tensors
+    glu = "layers.0.mlp.fc1.weight" in tensors and (
+        tensors["layers.0.mlp.fc1.weight"].shape[0] == 2 * tensors["layers.0.mlp.fc2.weight"].shape[1]
+    )
+    knobs = {
+        "class_token": class_token,
+        "num_register_tokens": num_registers,
+        "distillation_token": distillation,
+        "no_embed_class": num_prefix > 0 and positions == grid[0] * grid[1],
+        "fc_norm": fc_norm,
+        "final_norm": fc_norm or "layernorm.weight" in tensors,
+        "layer_scale_init_value": (
+            (model_args.get("init_values") or 1e-5) if "layers.0.layer_scale1.gamma" in tensors else None
+        ),
+        "qk_norm": "layers.0.attention.q_norm.weight" in tensors,
+        "mlp_type": "glu" if glu else "mlp",
+        "pre_norm": "pre_layernorm.weight" in tensors,
+        "patch_embedding_bias": "embeddings.patch_embeddings.projection.bias" in tensors,
+        "qkv_bias": "layers.0.attention.qkv.bias" in tensors,
+        "intermediate_size": tensors["layers.0.mlp.fc2.weight"].shape[1] if "layers.0.mlp.fc2.weight" in tensors else 0,
+        "interpolate_antialias": True,  # timm's `resample_abs_pos_embed` default
+    }
+    # What they do not show: the arguments, then the snapshot's model_args, then timm, then the name.
+    hidden = {"hidden_act": "silu" if glu else "gelu", "layer_norm_eps": 1e-6, "num_attention_heads": None}
+    hidden["global_pool"] = "map" if "attention_pool.probe" in tensors else "token" if class_token else "avg"
+    if architecture:
+        hidden |= _timm_name_knobs(architecture, hidden_size)
+        hidden |= _timm_built_knobs(architecture, model_args) or {}
+    hidden |= {
+        name: model_args[arg]
+        for name, arg in (("num_attention_heads", "num_heads"), ("global_pool", "global_pool"))
+        if arg in model_args
+    }
+    explicit = {
+        "num_attention_heads": num_heads,
+        "hidden_act": hidden_act,
+        "layer_norm_eps": layer_norm_eps,
+        "global_pool": global_pool,
+    }
+    hidden |= {name: value for name, value in explicit.items() if value is not None}
+    if hidden["num_attention_heads"] is None:
+        raise ValueError("timm weights do not store the number of attention heads: pass `num_heads` (--num_heads).")
+    if hidden["global_pool"] not in TIMM_POOLINGS:
+        raise ValueError(
+            f"timm's global_pool={hidden['global_pool']!r} has no ViTCustom pooling; supported: "
+            f"{sorted(TIMM_POOLINGS)}."
+        )
+    head_keys = [key for key in tensors if key.startswith(("classifier.", "distillation_classifier."))]
+    head = {key: tensors.pop(key) for key in head_keys}
     config = ViTCustomConfig(
         image_size=list(image_size),
         patch_size=list(patch_size) if patch_size[0] != patch_size[1] else patch_size[0],
         num_channels=num_channels,
         hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads or heads_for_width(hidden_size),
-        intermediate_size=state_dict["blocks.0.mlp.fc1.weight"].shape[0],
-        hidden_act=hidden_act,
-        layer_norm_eps=layer_norm_eps,
-        qkv_bias=qkv_bias,
-        pooling="cls",
-        **(_label_kwargs(num_labels, id2label) if has_head else {}),
+        num_hidden_layers=_num_layers(tensors, r"layers\.(\d+)\."),
+        num_attention_heads=hidden["num_attention_heads"],
+        hidden_act=hidden["hidden_act"],
+        layer_norm_eps=hidden["layer_norm_eps"],
+        pooling=TIMM_POOLINGS[hidden["global_pool"]],
+        **knobs,
+        **(_label_kwargs(head["classifier.weight"].shape[0], id2label) if head else {}),
     )
-    converted = {}
-    for key, value in state_dict.items():
-        if match := re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", key):
-            converted[f"layers.{match[1]}.{TIMM_LAYER_RENAMES[match[2]]}.{match[3]}"] = value
-        else:
-            old = next(old for old in TIMM_RENAMES if key == old or (old.endswith(".") and key.startswith(old)))
-            converted[TIMM_RENAMES[old] + key.removeprefix(old)] = value
-    base, head = _split_head(converted)
-    return _finalize("timm", config, base, head)
+    return _finalize("timm", config, tensors, head, missing)
+
+
+def _timm_base_architecture(config: ViTCustomConfig) -> str:
+    """A timm architecture whose builder fixes what `model_args` cannot say (the LayerNorm epsilon, a gated MLP)."""
+    if config.mlp_type == "glu":
+        if config.hidden_act != "silu" or config.layer_norm_eps != 1e-6:
+            raise ValueError("timm's gated MLP (SwiGLUPacked) is SiLU-gated with LayerNorm eps 1e-6.")
+        return "vit_giant_patch14_dinov2"
+    if config.layer_norm_eps == 1e-5:
+        return "vit_base_patch16_clip_224"
+    if config.layer_norm_eps == 1e-6:
+        return "vit_base_patch16_224"
+    raise ValueError(
+        f"timm's ViTs use LayerNorm eps 1e-6 (or 1e-5 for CLIP towers); this model uses {config.layer_norm_eps}."
+    )
+
+
+def convert_to_timm(
+    config: ViTCustomConfig, state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Ours -> a timm Hub snapshot: its `config.json` (`architecture`, `model_args`, `pretrained_cfg`, ...) and state
+    dict, which `timm.create_model("local-dir:FOLDER")` (or `hf-hub:` once pushed) builds and loads."""
+    base, head = _split_head(state_dict)
+    _finalize("ViTCustom", config, base, head)  # validates keys and shapes
+    if config.hidden_act not in TIMM_ACT_LAYERS:
+        raise ValueError(
+            f"timm has no activation for hidden_act={config.hidden_act!r}; supported: {list(TIMM_ACT_LAYERS)}."
+        )
+    if config.pooling == "cls_mean" or (config.distillation_token and head):
+        what = "pooling='cls_mean'" if config.pooling == "cls_mean" else "a distilled head"
+        raise ValueError(f"timm's VisionTransformer has no {what}; export the encoder (ViTCustomModel) instead.")
+    architecture = _timm_base_architecture(config)
+    height, width = to_pair(config.image_size)
+    mlp_width = 2 * config.intermediate_size if config.mlp_type == "glu" else config.intermediate_size
+    model_args = {
+        "img_size": [height, width],
+        "patch_size": list(to_pair(config.patch_size)),
+        "in_chans": config.num_channels,
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": mlp_width / config.hidden_size,
+        "qkv_bias": config.qkv_bias,
+        "qk_norm": config.qk_norm,
+        "init_values": config.layer_scale_init_value,
+        "class_token": config.class_token,
+        "no_embed_class": config.no_embed_class,
+        "reg_tokens": config.num_register_tokens,
+        "pre_norm": config.pre_norm,
+        "final_norm": config.final_norm,
+        "fc_norm": config.fc_norm,
+        "global_pool": {value: key for key, value in TIMM_POOLINGS.items()}[config.pooling],
+        "act_layer": TIMM_ACT_LAYERS[config.hidden_act],
+    }
+    if config.patch_embedding_bias == config.pre_norm:
+        raise ValueError("timm's patch projection has a bias exactly when there is no pre-norm (CLIP has neither).")
+    timm_state_dict = {}
+    for key, value in {**base, **head}.items():
+        for pattern, replacement in TIMM_TO_OURS_INVERSE:
+            key = re.sub(pattern, replacement, key)
+        timm_state_dict[key] = value.contiguous()
+    num_classes = head["classifier.weight"].shape[0] if head else 0
+    timm_pretrained_cfg = {"input_size": [config.num_channels, height, width], "num_classes": num_classes}
+    timm_pretrained_cfg |= dict(pretrained_cfg or {})
+    timm_config = {
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "num_features": config.hidden_size,
+        "global_pool": model_args["global_pool"],
+        "model_args": model_args,
+        "pretrained_cfg": timm_pretrained_cfg,
+    }
+    if head:
+        timm_config["label_names"] = [config.id2label[index] for index in range(num_classes)]
+    return timm_config, timm_state_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -529,7 +896,7 @@ def convert_from_jax(
     arrays: Mapping[str, np.ndarray],
     image_size: int | tuple[int, int] | None = None,
     hidden_act: str = "gelu",
-    layer_norm_eps: float = JAX_TIMM_LAYER_NORM_EPS,
+    layer_norm_eps: float = JAX_LAYER_NORM_EPS,
     id2label: Mapping | None = None,
     include_head: bool = True,
 ) -> tuple[ViTCustomConfig, dict[str, torch.Tensor]]:

@@ -5,10 +5,14 @@ The forward passes follow the paper's equations:
     z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos          (1)  ViTCustomEmbeddings.forward
     z'_l = MSA(LN(z_{l-1})) + z_{l-1}                       (2)  ViTCustomEncoderLayer.forward
     z_l = MLP(LN(z'_l)) + z'_l                              (3)  ViTCustomEncoderLayer.forward
-    y = LN(z_L)                                             (4)  ViTCustomModel.encode (then `pool`)
+    y = LN(z_L)                                             (4)  ViTCustomModel.encode (then the pooler)
 
 The tokens in front of the patches (`x_class` here) are the prefix tokens, `config.num_prefix_tokens` of them, as
-timm names them; nothing else in the package assumes there is exactly one. This file holds the paper and its knobs
+timm names them: the class token, DeiT's distillation token and register tokens, each optional. The later members of
+the family are knobs of the same equations, each built as `nn.Identity` when off so that no forward branches on
+them: layer scale on the residual branches (DeiT-III, DINOv2), qk-norm, a gated MLP (SwiGLU), a LayerNorm before the
+first layer (CLIP), the final LayerNorm after pooling instead of on every token (`fc_norm`), and attention pooling
+(SigLIP, timm's `map`). This file holds the paper and its knobs
 only: speed-ups for particular hardware live in `cpu_speed.py`, applied to a built model, never needed here. It is
 self-contained apart from `configuration_vit_custom.py`, because `trust_remote_code` ships exactly those files (and
 `modeling_vit_custom_mae.py` with a masked-autoencoder folder).
@@ -52,12 +56,16 @@ WEIGHT_FILE_PATTERN = re.compile(
 
 
 def resample_patch_positions(
-    position_embeddings: torch.Tensor, num_prefix_tokens: int, old_grid: tuple[int, int], new_grid: tuple[int, int]
+    position_embeddings: torch.Tensor,
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    antialias: bool = False,
 ) -> torch.Tensor:
     """Resample the patch part of `(1, prefix + old_h * old_w, hidden)` position embeddings bicubically to `new_grid`.
 
     The prefix tokens' positions have no place on the grid and are kept as they are. Works on the (height, width)
-    grid, so non-square trained and target sizes both resample without transposing.
+    grid, so non-square trained and target sizes both resample without transposing. `antialias` as timm does.
     """
     if tuple(new_grid) == tuple(old_grid):
         return position_embeddings
@@ -67,7 +75,7 @@ def resample_patch_positions(
     # (1, patches, hidden) -> (1, hidden, old_height, old_width)
     patch_positions = patch_positions.reshape(1, *old_grid, hidden_size).permute(0, 3, 1, 2)
     patch_positions = nn.functional.interpolate(
-        patch_positions.float(), size=tuple(new_grid), mode="bicubic", align_corners=False
+        patch_positions.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias
     ).to(position_embeddings.dtype)
     # (1, hidden, new_height, new_width) -> (1, new_height * new_width, hidden)
     patch_positions = patch_positions.flatten(2).transpose(1, 2)
@@ -75,13 +83,16 @@ def resample_patch_positions(
 
 
 def pool(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
-    """The image representation from `(..., tokens, features)`: the class token, or the mean of the patch tokens.
+    """The image representation from `(..., tokens, features)`: the class token (`"cls"`), the mean of the patch
+    tokens (`"mean"`), or both concatenated (`"cls_mean"`, DINOv2's linear head).
 
     Mean pooling skips the prefix tokens: they are not image patches, and averaging them in would mix learned
     constants into the image representation. Serves the encoder's output and, row-wise, attention matrices.
     """
     if pooling == "mean":
         return tokens[..., num_prefix_tokens:, :].mean(dim=-2)
+    if pooling == "cls_mean":
+        return torch.cat((tokens[..., 0, :], tokens[..., num_prefix_tokens:, :].mean(dim=-2)), dim=-1)
     return tokens[..., 0, :]
 
 
@@ -92,7 +103,11 @@ class ViTCustomPatchEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = to_pair(config.patch_size)
         self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            bias=config.patch_embedding_bias,
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -102,23 +117,44 @@ class ViTCustomPatchEmbeddings(nn.Module):
 
 
 class ViTCustomEmbeddings(nn.Module):
-    """Eq. 1: prefix (class) token, patch embeddings and learned position embeddings."""
+    """Eq. 1: prefix tokens (class, distillation, registers), patch embeddings and learned position embeddings.
+
+    The prefix tokens get position embeddings unless `config.no_embed_class`; only the patches' are resampled.
+    """
 
     def __init__(self, config: ViTCustomConfig):
         super().__init__()
         self.grid_size = config.grid_size
         self.num_prefix_tokens = config.num_prefix_tokens
+        self.num_prefix_positions = config.num_prefix_positions
+        self.interpolate_antialias = config.interpolate_antialias
         self.patch_embeddings = ViTCustomPatchEmbeddings(config)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        num_positions = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        hidden_size = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if config.class_token else None
+        self.distillation_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if config.distillation_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden_size))
+            if config.num_register_tokens
+            else None
+        )
+        num_positions = self.num_prefix_positions + self.grid_size[0] * self.grid_size[1]
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """The position embeddings for a `grid_height` x `grid_width` grid: the learned ones at the trained size."""
         return resample_patch_positions(
-            self.position_embeddings, self.num_prefix_tokens, self.grid_size, (grid_height, grid_width)
+            self.position_embeddings,
+            self.num_prefix_positions,
+            self.grid_size,
+            (grid_height, grid_width),
+            self.interpolate_antialias,
         )
+
+    def prefix_parameters(self) -> list[nn.Parameter]:
+        """The prefix tokens' parameters in sequence order: class, distillation, registers."""
+        tokens = (self.cls_token, self.distillation_token, self.register_tokens)
+        return [token for token in tokens if token is not None]
 
     def prefix_and_patch_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 1 before the concatenation: `(batch, prefix, hidden)` and `(batch, patches, hidden)`, positions added.
@@ -127,9 +163,14 @@ class ViTCustomEmbeddings(nn.Module):
         """
         patch_height, patch_width = self.patch_embeddings.patch_size
         grid = (pixel_values.shape[2] // patch_height, pixel_values.shape[3] // patch_width)
-        positions = self.interpolate_pos_encoding(*grid)  # (1, prefix + patches, hidden)
-        patch_tokens = self.patch_embeddings(pixel_values) + positions[:, self.num_prefix_tokens :]
-        prefix_tokens = self.cls_token + positions[:, : self.num_prefix_tokens]
+        positions = self.interpolate_pos_encoding(*grid)  # (1, prefix positions + patches, hidden)
+        patch_tokens = self.patch_embeddings(pixel_values) + positions[:, self.num_prefix_positions :]
+        prefix = self.prefix_parameters()
+        if not prefix:  # SigLIP, timm's `class_token=False`: nothing in front of the patches
+            return patch_tokens[:, :0], patch_tokens
+        prefix_tokens = torch.cat(prefix, dim=1)  # (1, prefix, hidden)
+        if self.num_prefix_positions:  # decided by `config.no_embed_class`
+            prefix_tokens = prefix_tokens + positions[:, : self.num_prefix_positions]
         return prefix_tokens.expand(pixel_values.shape[0], -1, -1), patch_tokens
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -179,6 +220,8 @@ class ViTCustomSelfAttention(nn.Module):
         self.dropout = config.attention_probs_dropout_prob
         self.is_causal = False  # read by transformers' SDPA and flash backends
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        head_norm = (lambda: nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)) if config.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = head_norm(), head_norm()
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
@@ -188,6 +231,7 @@ class ViTCustomSelfAttention(nn.Module):
         # (batch, tokens, 3 * hidden) -> 3 x (batch, heads, tokens, head_dim)
         qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        query, key = self.q_norm(query), self.k_norm(key)  # qk-norm, per head
 
         attention_interface = eager_attention_forward
         if not kwargs.get("output_attentions", self.config.output_attentions):
@@ -223,6 +267,39 @@ class ViTCustomMLP(nn.Module):
         return self.dropout(self.fc2(hidden_states))
 
 
+class ViTCustomGatedMLP(nn.Module):
+    """Gated linear unit MLP: `activation(x W_gate) * (x W_up)`, then Linear; SwiGLU with `hidden_act="silu"`.
+
+    The gate and up projections are one packed Linear (gate rows first, as timm's `SwiGLUPacked`), one matmul.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc1(hidden_states).chunk(2, dim=-1)  # 2 x (batch, tokens, intermediate)
+        return self.dropout(self.fc2(self.dropout(self.activation(gate) * up)))
+
+
+MLP_CLASSES = {"mlp": ViTCustomMLP, "glu": ViTCustomGatedMLP}
+
+
+class ViTCustomLayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (Touvron et al., 2021, CaiT), started at a small value so
+    that deep models begin close to the identity."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale_init_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.gamma
+
+
 class ViTCustomDropPath(nn.Module):
     """Stochastic depth (Huang et al., 2016): drops a residual branch per sample while training."""
 
@@ -243,21 +320,56 @@ class ViTCustomDropPath(nn.Module):
 
 
 class ViTCustomEncoderLayer(GradientCheckpointingLayer):
-    """Eq. 2-3: pre-norm self-attention and pre-norm MLP, each with a residual connection."""
+    """Eq. 2-3: pre-norm self-attention and pre-norm MLP, each with a residual connection (and layer scale)."""
 
     def __init__(self, config: ViTCustomConfig, drop_path_rate: float = 0.0):
         super().__init__()
+        layer_scale = ViTCustomLayerScale if config.layer_scale_init_value is not None else lambda config: nn.Identity()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = ViTCustomSelfAttention(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer_scale1 = layer_scale(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = ViTCustomMLP(config)
+        self.mlp = MLP_CLASSES[config.mlp_type](config)
+        self.layer_scale2 = layer_scale(config)
         self.drop_path = ViTCustomDropPath(drop_path_rate)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         attn_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))  # eq. 2
-        return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))  # eq. 3
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(self.dropout(attn_output)))  # eq. 2
+        return hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))  # eq. 3
+
+
+class ViTCustomAttentionPool(nn.Module):
+    """Multi-head attention pooling: a learned query (`probe`) attends over the tokens, then a residual LayerNorm +
+    MLP (SigLIP's head; timm's `AttentionPoolLatent`, `global_pool="map"`).
+
+    The attention runs through `scaled_dot_product_attention`, whose maths every backend shares: one query row is
+    too small for a fused kernel to matter, and its weights are not part of the encoder's attention maps.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.q = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.kv = nn.Linear(config.hidden_size, 2 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ViTCustomMLP(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch_size, num_tokens, hidden_size = tokens.shape
+        query = self.q(self.probe).view(1, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (1, heads, 1, dim)
+        # (batch, tokens, 2 * hidden) -> 2 x (batch, heads, tokens, head_dim)
+        kv = self.kv(tokens).view(batch_size, num_tokens, 2, self.num_heads, self.head_dim)
+        key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        query = query.expand(batch_size, -1, -1, -1).to(key.dtype)
+        pooled = nn.functional.scaled_dot_product_attention(query, key, value)  # (batch, heads, 1, head_dim)
+        pooled = self.proj(pooled.transpose(1, 2).reshape(batch_size, 1, hidden_size))
+        pooled = pooled + self.mlp(self.norm(pooled))
+        return pooled[:, 0]  # (batch, hidden)
 
 
 class ViTCustomPreTrainedModel(PreTrainedModel):
@@ -299,8 +411,12 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, ViTCustomEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std, a=-2 * std, b=2 * std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            for parameter in (module.position_embeddings, *module.prefix_parameters()):
+                init.trunc_normal_(parameter, mean=0.0, std=std, a=-2 * std, b=2 * std)
+        elif isinstance(module, ViTCustomLayerScale):
+            init.constant_(module.gamma, self.config.layer_scale_init_value)
+        elif isinstance(module, ViTCustomAttentionPool):
+            init.trunc_normal_(module.probe, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as transformers does, but atomically: a save killed half-way leaves the previous files loadable.
@@ -377,7 +493,12 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
 
 
 class ViTCustomModel(ViTCustomPreTrainedModel):
-    """The bare encoder: embeddings, `num_hidden_layers` encoder layers and the final LayerNorm (eq. 1-4)."""
+    """The bare encoder: embeddings, `num_hidden_layers` encoder layers, the final LayerNorm (eq. 1-4) and the
+    pooler.
+
+    The final LayerNorm is `layernorm` on every token, or `fc_norm` on the pooled representation with
+    `config.fc_norm` (the other is `nn.Identity`), as timm names them.
+    """
 
     def __init__(self, config: ViTCustomConfig):
         super().__init__(config)
@@ -386,8 +507,18 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         # that the model can also be built on the meta device.
         last_layer = max(config.num_hidden_layers - 1, 1)
         drop_path_rates = [config.drop_path_rate * index / last_layer for index in range(config.num_hidden_layers)]
+
+        def layer_norm() -> nn.LayerNorm:
+            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+        self.pre_layernorm = layer_norm() if config.pre_norm else nn.Identity()
         self.layers = nn.ModuleList(ViTCustomEncoderLayer(config, rate) for rate in drop_path_rates)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = layer_norm() if config.final_norm and not config.fc_norm else nn.Identity()
+        # Only attention pooling has parameters; a module for the others would hold none (and a module the forward
+        # does not use would trip DDP's unused-parameter check).
+        if config.pooling == "map":
+            self.attention_pool = ViTCustomAttentionPool(config)
+        self.fc_norm = layer_norm() if config.fc_norm else nn.Identity()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -441,9 +572,18 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
     def encode(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         """Eq. 2-4 over `(batch, tokens, hidden)` embeddings, whichever tokens they are (masked image modeling passes
         the visible ones only)."""
+        hidden_states = self.pre_layernorm(hidden_states)
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)  # eq. 2-3
         return self.layernorm(hidden_states)  # eq. 4
+
+    def pool(self, sequence_output: torch.Tensor) -> torch.Tensor | None:
+        """The image representation, `(batch, config.pooled_size)`, from the final tokens; `None` without pooling."""
+        if self.config.pooling == "none":
+            return None
+        if self.config.pooling == "map":
+            return self.fc_norm(self.attention_pool(sequence_output))
+        return self.fc_norm(pool(sequence_output, self.config.pooling, self.config.num_prefix_tokens))
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -458,13 +598,14 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
             interpolate_pos_encoding (`bool`, *optional*): accept other input sizes by resampling the position
                 embeddings to the input's grid; defaults to `config.interpolate_pos_encoding`.
 
-        Returns `last_hidden_state` (batch, prefix + patches, hidden) and `pooler_output` (batch, hidden): the class
-        token or the mean of the patch tokens, as `config.pooling` says. `hidden_states` and `attentions` on request.
+        Returns `last_hidden_state` (batch, prefix + patches, hidden), the final token features, and `pooler_output`
+        (batch, `config.pooled_size`), the image representation that `config.pooling` says (`None` for `"none"`).
+        `hidden_states` and `attentions` on request.
         """
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         embeddings = self.embeddings(pixel_values)  # eq. 1: (batch, prefix + patches, hidden)
         sequence_output = self.encode(embeddings, **kwargs)  # eq. 2-4
-        pooled_output = pool(sequence_output, self.config.pooling, self.config.num_prefix_tokens)  # (batch, hidden)
+        pooled_output = self.pool(sequence_output)  # (batch, pooled)
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
 
 
@@ -472,14 +613,22 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
     """The encoder with a linear head on the pooled representation.
 
     There is no pre-logits (tanh) layer: the paper uses one only during pre-training, and a module the forward does
-    not use would trip DDP's unused-parameter check.
+    not use would trip DDP's unused-parameter check. With a distillation token the logits are the mean of the class
+    token's head and the distillation token's own head, as DeiT predicts at inference.
     """
 
     def __init__(self, config: ViTCustomConfig):
+        if config.pooling == "none":
+            raise ValueError("`pooling='none'` gives no image representation to classify; choose another pooling.")
         super().__init__(config)
         self.num_labels = config.num_labels
+
+        def head() -> nn.Module:
+            return nn.Linear(config.pooled_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+
         self.vit = ViTCustomModel(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = head()
+        self.distillation_classifier = head() if config.distillation_token else None
         self.post_init()
 
     def check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
@@ -533,6 +682,8 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
         logits = self.classifier(outputs.pooler_output)  # (batch, num_labels)
+        if self.distillation_classifier is not None:  # DeiT: the distillation token follows the class token
+            logits = (logits + self.distillation_classifier(outputs.last_hidden_state[:, 1])) / 2
         loss = None
         if labels is not None:
             self.check_labels(labels, logits)

@@ -73,8 +73,16 @@ DEFAULT_PRESET = "vit-tiny-patch16-224"
 # Hyper-parameters the model card lists.
 HUB_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay", "seed")
 # Learned tokens that act like embeddings: decaying them towards zero only erases what they encode (timm's
-# `no_weight_decay()` excludes the first two; the third is the MAE decoder's mask token).
-NO_DECAY_PARAMETERS = ("cls_token", "position_embeddings", "mask_token")
+# `no_weight_decay()` excludes the prefix tokens and positions; the attention pool's query and the MAE decoder's mask
+# token are of the same kind).
+NO_DECAY_PARAMETERS = (
+    "cls_token",
+    "distillation_token",
+    "register_tokens",
+    "position_embeddings",
+    "probe",
+    "mask_token",
+)
 ATTENTION_MAPS_NAME = "attention_maps.png"
 
 
