@@ -1,12 +1,15 @@
-"""Convert a transformers ViT, timm VisionTransformer or JAX `.npz` checkpoint to a `vit_custom` folder.
+"""Convert a transformers, timm or JAX ViT checkpoint to a `vit_custom` folder, or a `vit_custom` folder to timm.
 
-    python scripts/convert_checkpoint.py --from transformers google/vit-base-patch16-224 --out vit-b16
-    python scripts/convert_checkpoint.py --from timm model.safetensors --out vit-s16 --num_heads 6
+    python scripts/convert_checkpoint.py --from transformers facebook/dinov2-small --out dinov2-s14
+    python scripts/convert_checkpoint.py --from timm timm/vit_base_patch16_224.augreg2_in21k_ft_in1k --out vit-b16
     python scripts/convert_checkpoint.py --from jax ViT-B_16.npz --out vit-b16-384 --image_size 384
+    python scripts/convert_checkpoint.py --from vit_custom vit-b16 --to timm --out vit-b16-timm
 
-The output folder loads with `AutoModel` / `AutoModelForImageClassification` (after `import hf_vit_custom`, or with
-`trust_remote_code=True`) and holds a `ViTImageProcessorPil` whose size, mean and std match the source. It is written
-to a temporary folder beside `--out` and moved into place only once the conversion and a reload check succeeded.
+A vit_custom output loads with `AutoModel` / `AutoModelForImageClassification` (after `import hf_vit_custom`, or with
+`trust_remote_code=True`) and holds the source's preprocessing as an image processor. A timm output is a timm Hub
+snapshot (`config.json` with `architecture` and `model_args`, `model.safetensors`) that
+`timm.create_model("local-dir:OUT", pretrained=True)` loads, or `hf-hub:REPO` once pushed. Either is written to a
+temporary folder beside `--out` and moved into place only once the conversion and a reload check succeeded.
 """
 
 from __future__ import annotations
@@ -14,20 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from transformers import ViTConfig, ViTImageProcessorPil
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessorPil, ViTImageProcessorPil
 
 import hf_vit_custom  # noqa: F401  (registers the Auto classes)
 from hf_vit_custom.configuration_vit_custom import to_pair
 from hf_vit_custom.conversion import (
+    TRANSFORMERS_FAMILIES,
+    TRANSFORMERS_VISION_TOWERS,
     build_model,
     convert_from_jax,
     convert_from_timm,
     convert_from_transformers,
+    convert_to_timm,
     resize_state_dict,
 )
 from hf_vit_custom.persistence import write_folder_atomically
@@ -35,20 +43,31 @@ from hf_vit_custom.persistence import write_folder_atomically
 logger = logging.getLogger("convert_checkpoint")
 
 IMAGENET_INCEPTION = [0.5, 0.5, 0.5]  # timm's default for ViT weights from the JAX release, and the JAX release's
+# timm's `interpolation` names -> PIL's resampling filters, as transformers' image processors take them.
+PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source_format", required=True, choices=["transformers", "timm", "jax"])
+    parser.add_argument(
+        "--from", dest="source_format", required=True, choices=["transformers", "timm", "jax", "vit_custom"]
+    )
     parser.add_argument("source", help="local folder or file, or a Hub id when online")
+    parser.add_argument("--to", dest="target_format", default="vit_custom", choices=["vit_custom", "timm"])
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty, see --overwrite)")
     parser.add_argument("--image_size", type=int, nargs="+", help="target size H [W]; resamples position embeddings")
-    parser.add_argument("--num_heads", type=int, help="timm only: attention heads (not stored in timm state dicts)")
+    parser.add_argument("--architecture", help="timm: the architecture of a bare weights file (no config.json)")
+    parser.add_argument("--num_heads", type=int, help="timm: attention heads, where neither timm nor the name tells")
+    parser.add_argument("--hidden_act", help="timm: MLP activation (gelu, quick_gelu, gelu_pytorch_tanh, silu)")
+    parser.add_argument("--layer_norm_eps", type=float, help="timm: LayerNorm epsilon (1e-6, CLIP towers 1e-5)")
     parser.add_argument("--pooler", choices=["drop", "error"], default="drop", help="transformers ViTModel pooler")
     parser.add_argument("--no_head", action="store_true", help="jax: drop head (and pre_logits), keep the encoder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--push_to_hub", metavar="REPO", help="also push the converted model and processor")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.source_format == "vit_custom" and args.target_format != "timm":
+        parser.error("--from vit_custom converts to another format: pass --to timm.")
+    return args
 
 
 def resolve(source: str) -> Path:
@@ -80,46 +99,124 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def load_transformers(path: Path):
+    """The source model through transformers itself, which renames older checkpoints' keys to the 5.x layout.
+
+    Refuses a checkpoint that lacks weights its model needs: transformers would initialise them randomly.
+    """
+    source_config = AutoConfig.from_pretrained(path)
+    model_type = TRANSFORMERS_VISION_TOWERS.get(source_config.model_type, source_config.model_type)
+    if model_type not in TRANSFORMERS_FAMILIES:
+        raise ValueError(
+            f"{path} is a transformers {source_config.model_type!r} model; supported: "
+            f"{sorted([*TRANSFORMERS_FAMILIES, *TRANSFORMERS_VISION_TOWERS])}."
+        )
+    architecture = (source_config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    model, info = (model_class or AutoModel).from_pretrained(path, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(f"Cannot convert {path}: missing keys ({len(info['missing_keys'])}): {info['missing_keys']}")
+    return model.state_dict(), model.config
+
+
+def vit_processor(config, **kwargs) -> ViTImageProcessorPil:
+    """transformers' ViT preprocessing (a plain resize) at the model's size."""
+    height, width = to_pair(config.image_size)
+    return ViTImageProcessorPil(size={"height": height, "width": width}, **kwargs)
+
+
+def timm_processor(pretrained_cfg: dict, image_size: tuple[int, int]) -> CLIPImageProcessorPil:
+    """timm's evaluation preprocessing: resize the short side to size / crop_pct, centre-crop, normalise."""
+    crop_pct = pretrained_cfg.get("crop_pct", 1.0)
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": math.floor(min(image_size) / crop_pct)},
+        crop_size={"height": image_size[0], "width": image_size[1]},
+        resample=PIL_RESAMPLE.get(pretrained_cfg.get("interpolation", "bicubic"), 3),
+        image_mean=list(pretrained_cfg.get("mean", IMAGENET_INCEPTION)),
+        image_std=list(pretrained_cfg.get("std", IMAGENET_INCEPTION)),
+    )
+
+
+def resize_processor(processor, image_size: tuple[int, int]) -> None:
+    """Make `processor` produce `image_size` images, keeping its resize-then-crop ratio where it crops."""
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        crop = processor.crop_size
+        ratio = processor.size.get("shortest_edge", crop["height"]) / crop["height"]
+        processor.crop_size = {"height": image_size[0], "width": image_size[1]}
+        processor.size = {"shortest_edge": round(min(image_size) * ratio)}
+    else:
+        processor.size = {"height": image_size[0], "width": image_size[1]}
+
+
 def convert(args: argparse.Namespace):
-    """Return (config, state_dict, processor_kwargs) for the source."""
+    """Return (config, state_dict, processor) for the source."""
     path = resolve(args.source)
     if args.source_format == "transformers":
-        vit_config = ViTConfig.from_pretrained(path)
-        config, state_dict = convert_from_transformers(load_tensors(path), vit_config, pooler=args.pooler)
+        state_dict, source_config = load_transformers(path)
+        config, state_dict = convert_from_transformers(state_dict, source_config, pooler=args.pooler)
         if (path / "preprocessor_config.json").exists():
-            processor = ViTImageProcessorPil.from_pretrained(path)
-            processor_kwargs = {"image_mean": list(processor.image_mean), "image_std": list(processor.image_std)}
-        else:
-            processor_kwargs = {}  # ViTImageProcessorPil's defaults, transformers' ViT preprocessing
+            processor = AutoImageProcessor.from_pretrained(path)
+        else:  # transformers' ViT preprocessing, at the model's size
+            processor = vit_processor(config)
     elif args.source_format == "timm":
-        pretrained_cfg = {}
-        timm_config_path = path / "config.json" if path.is_dir() else None
-        if timm_config_path is not None and timm_config_path.exists():
-            pretrained_cfg = json.loads(timm_config_path.read_text()).get("pretrained_cfg", {})
+        snapshot = {}
+        if path.is_dir() and (path / "config.json").exists():
+            snapshot = json.loads((path / "config.json").read_text())
+        pretrained_cfg = snapshot.get("pretrained_cfg", {})
         input_size = pretrained_cfg.get("input_size")
-        image_size = tuple(input_size[1:]) if input_size else None
-        config, state_dict = convert_from_timm(load_tensors(path), num_heads=args.num_heads, image_size=image_size)
-        processor_kwargs = {
-            "image_mean": list(pretrained_cfg.get("mean", IMAGENET_INCEPTION)),
-            "image_std": list(pretrained_cfg.get("std", IMAGENET_INCEPTION)),
-        }
-    else:
+        labels = snapshot.get("label_names") or pretrained_cfg.get("label_names")
+        config, state_dict = convert_from_timm(
+            load_tensors(path),
+            architecture=args.architecture or snapshot.get("architecture"),
+            model_args=snapshot.get("model_args"),
+            image_size=tuple(input_size[1:]) if input_size else None,
+            num_heads=args.num_heads,
+            hidden_act=args.hidden_act,
+            layer_norm_eps=args.layer_norm_eps,
+            global_pool=snapshot.get("global_pool"),
+            id2label=dict(enumerate(labels)) if labels else None,
+        )
+        processor = timm_processor(pretrained_cfg, to_pair(config.image_size))
+    elif args.source_format == "jax":
         with np.load(path) as arrays:
             config, state_dict = convert_from_jax(dict(arrays), include_head=not args.no_head)
-        processor_kwargs = {"image_mean": IMAGENET_INCEPTION, "image_std": IMAGENET_INCEPTION}
+        processor = vit_processor(config, image_mean=IMAGENET_INCEPTION, image_std=IMAGENET_INCEPTION)
+    else:
+        model = hf_vit_custom_model(path)
+        config, state_dict = model.config, model.state_dict()
+        processor = AutoImageProcessor.from_pretrained(path) if (path / "preprocessor_config.json").exists() else None
     if args.image_size:
         config, state_dict = resize_state_dict(config, state_dict, to_pair(list(args.image_size) * 2)[:2])
-    height, width = to_pair(config.image_size)
-    processor_kwargs["size"] = {"height": height, "width": width}
-    return config, state_dict, processor_kwargs
+        if processor is not None:
+            resize_processor(processor, to_pair(config.image_size))
+    return config, state_dict, processor
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
-    out = Path(args.out)
-    config, state_dict, processor_kwargs = convert(args)
+def hf_vit_custom_model(path: Path):
+    """A vit_custom folder as the class that saved it (classifier or encoder)."""
+    from transformers import AutoModelForImageClassification
+
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    auto_class = AutoModelForImageClassification if "ViTCustomForImageClassification" in architectures else AutoModel
+    return auto_class.from_pretrained(path)
+
+
+def processor_as_pretrained_cfg(processor) -> dict:
+    """The parts of an image processor that timm's `pretrained_cfg` records."""
+    if processor is None:
+        return {}
+    cfg = {"mean": list(processor.image_mean), "std": list(processor.image_std)}
+    resample = {value: key for key, value in PIL_RESAMPLE.items()}.get(int(getattr(processor, "resample", 3)))
+    if resample:
+        cfg["interpolation"] = resample
+    if getattr(processor, "do_center_crop", False) and "shortest_edge" in processor.size:
+        cfg["crop_pct"] = processor.crop_size["height"] / processor.size["shortest_edge"]
+    return cfg
+
+
+def write_vit_custom(config, state_dict, processor):
     model = build_model(config, state_dict)
-    processor = ViTImageProcessorPil(**processor_kwargs)
+    processor = processor or vit_processor(config)
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
@@ -130,14 +227,83 @@ def main(argv=None) -> Path:
             if not torch.equal(reloaded.state_dict()[key], value):
                 raise RuntimeError(f"{key} changed when saved and reloaded.")
 
+    return model, processor, write
+
+
+# The architecture a timm snapshot must give back when read (interpolation and dropout are not timm's to store).
+TIMM_ROUND_TRIP_FIELDS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+    "class_token",
+    "num_register_tokens",
+    "distillation_token",
+    "no_embed_class",
+    "pooling",
+    "fc_norm",
+    "final_norm",
+    "qk_norm",
+    "mlp_type",
+    "pre_norm",
+    "patch_embedding_bias",
+)
+
+
+def write_timm(config, state_dict, processor):
+    timm_config, timm_state_dict = convert_to_timm(config, state_dict, processor_as_pretrained_cfg(processor))
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(timm_state_dict, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+        # Check the written snapshot before it replaces anything: it converts back to the same model.
+        labels = timm_config.get("label_names")
+        back_config, back = convert_from_timm(
+            load_file(folder / "model.safetensors"),
+            architecture=timm_config["architecture"],
+            model_args=timm_config["model_args"],
+            image_size=tuple(timm_config["pretrained_cfg"]["input_size"][1:]),
+            global_pool=timm_config["global_pool"],
+            id2label=dict(enumerate(labels)) if labels else None,
+        )
+        for key, value in state_dict.items():
+            if not torch.equal(back[key], value):
+                raise RuntimeError(f"{key} changed when written as timm and read back.")
+        changed = [name for name in TIMM_ROUND_TRIP_FIELDS if getattr(back_config, name) != getattr(config, name)]
+        if changed:
+            raise RuntimeError(f"{changed} changed when written as timm and read back.")
+
+    return write
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    out = Path(args.out)
+    config, state_dict, processor = convert(args)
+    if args.target_format == "timm":
+        model = None
+        write = write_timm(config, state_dict, processor)
+    else:
+        model, processor, write = write_vit_custom(config, state_dict, processor)
     try:
         write_folder_atomically(out, write, overwrite=args.overwrite)
     except FileExistsError as error:
         raise SystemExit(f"{error}; pass --overwrite to replace it.") from None
-    logger.info("Wrote %s (%s) to %s.", type(model).__name__, args.source_format, out)
+    logger.info("Wrote %s (%s -> %s) to %s.", config.model_type, args.source_format, args.target_format, out)
     if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub)
-        processor.push_to_hub(args.push_to_hub)
+        if model is None:
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=args.push_to_hub, folder_path=out)
+        else:
+            model.push_to_hub(args.push_to_hub)
+            processor.push_to_hub(args.push_to_hub)
     return out
 
 

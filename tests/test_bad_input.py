@@ -132,7 +132,7 @@ CASES = [
     # Config values and types
     ("heads-do-not-divide-width", lambda t: config(hidden_size=30), ValueError, r"must be divisible by `num_attention"),
     ("zero-patch", lambda t: config(patch_size=0), ValueError, r"`patch_size` must be positive"),
-    ("image-not-multiple-of-patch", lambda t: config(image_size=18), ValueError, r"must be divisible by `patch_size`"),
+    ("image-smaller-than-patch", lambda t: config(image_size=3), ValueError, r"must hold at least one patch"),
     ("dropout-above-one", lambda t: config(hidden_dropout_prob=1.5), ValueError, r"is a probability"),
     ("unknown-activation", lambda t: config(hidden_act="swishy"), ValueError, r"`hidden_act` 'swishy' is unknown"),
     ("unknown-pooling", lambda t: config(pooling="max"), ValueError, r"`pooling` must be one of"),

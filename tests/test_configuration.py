@@ -50,9 +50,9 @@ def test_unknown_preset_is_rejected(name):
     ("overrides", "message"),
     [
         ({"hidden_size": 30, "num_attention_heads": 4}, r"`hidden_size` \(30\) must be divisible by `num_attention_"),
-        ({"image_size": 18}, "`image_size` 18 must be divisible by `patch_size` 4"),
-        ({"image_size": [16, 18]}, r"`image_size` \[16, 18\] must be divisible by `patch_size`"),
-        ({"patch_size": [4, 3]}, "must be divisible by `patch_size`"),
+        ({"image_size": 3}, "`image_size` 3 must hold at least one patch of `patch_size` 4"),
+        ({"image_size": [16, 3]}, r"`image_size` \[16, 3\] must hold at least one patch"),
+        ({"patch_size": [4, 32]}, "must hold at least one patch of `patch_size`"),
         ({"hidden_size": 0}, "`hidden_size` must be a positive integer"),
         ({"num_hidden_layers": -1}, "`num_hidden_layers` must be a positive integer"),
         ({"num_attention_heads": 0}, "`num_attention_heads` must be a positive integer"),
@@ -118,3 +118,10 @@ def test_round_trip_through_dict_and_auto_config(tmp_path):
     assert loaded.grid_size == (4, 3)
     assert loaded.id2label == {0: "cat", 1: "dog", 2: "bird"}
     assert loaded.problem_type == "single_label_classification"
+
+
+def test_pixels_past_the_last_full_patch_are_dropped_as_in_timm():
+    """SigLIP so400m/14 at 384 px: a 27x27 grid, the last 6 pixel rows and columns unused, as timm and transformers."""
+    config = ViTCustomConfig(image_size=384, patch_size=14, hidden_size=32, num_attention_heads=4)
+    assert config.grid_size == (27, 27)
+    assert ViTCustomConfig(image_size=[18, 16], patch_size=4).grid_size == (4, 4)

@@ -180,7 +180,6 @@ def test_bad_transformers_checkpoints_list_the_offending_keys():
         convert_from_transformers(state_dict, source.config)
 
 
-
 def test_unused_source_weights_are_dropped_with_a_note(caplog):
     """A masked-image-modeling mask token (ViT's SimMIM head, DINOv2's unused one) is not part of the encoder."""
     source = hf_model(num_labels=3)

@@ -206,9 +206,11 @@ class ViTCustomConfig(PreTrainedConfig):
             )
         image_height, image_width = to_pair(self.image_size)
         patch_height, patch_width = to_pair(self.patch_size)
-        if image_height % patch_height or image_width % patch_width:
+        # A remainder is allowed: the strided patch projection drops the pixels past the last full patch, as in timm
+        # and transformers (SigLIP's so400m/14 runs at 384 px, a 27x27 grid).
+        if image_height < patch_height or image_width < patch_width:
             raise ValueError(
-                f"`image_size` {self.image_size!r} must be divisible by `patch_size` {self.patch_size!r} "
+                f"`image_size` {self.image_size!r} must hold at least one patch of `patch_size` {self.patch_size!r} "
                 "along both height and width."
             )
         if self.hidden_act not in ACT2FN:
@@ -285,7 +287,7 @@ class ViTCustomConfig(PreTrainedConfig):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """Patches along height and width at the configured `image_size`."""
+        """Patches along height and width at the configured `image_size` (pixels past the last full patch drop)."""
         image_height, image_width = to_pair(self.image_size)
         patch_height, patch_width = to_pair(self.patch_size)
         return image_height // patch_height, image_width // patch_width

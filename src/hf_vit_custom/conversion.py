@@ -264,7 +264,13 @@ class TransformersFamily:
 
 def _dinov2_knobs(source: dict[str, Any]) -> dict[str, Any]:
     intermediate_size = int(source["hidden_size"] * source.get("mlp_ratio", 4))
-    knobs = {"layer_scale_init_value": source.get("layerscale_value", 1.0), "intermediate_size": intermediate_size}
+    knobs = {
+        "layer_scale_init_value": source.get("layerscale_value", 1.0),
+        "intermediate_size": intermediate_size,
+        # transformers' DINOv2 resamples its position embeddings to every input (its processor crops 224 px for a
+        # model trained at 518).
+        "interpolate_pos_encoding": True,
+    }
     if source.get("use_swiglu_ffn"):
         # DINOv2's SwiGLU keeps two thirds of the MLP width, rounded up to a multiple of 8.
         knobs |= {
@@ -572,6 +578,7 @@ TIMM_UNSUPPORTED = (
     (r"\.attn\.(q|k|v)_bias$", "separate q/v biases"),
     (r"^attn_pool\.[qk]_norm\.", "qk-norm in the attention pool"),
     (r"\.rope\.|^rope\.|freqs", "rotary position embeddings (RoPE, as in EVA-02 and DINOv3)"),
+    (r"\.attn\.(lambda_[qk][12]|sub_norm\.)", "differential attention (timm's DiffAttention)"),
 )
 # SigLIP 2 architectures whose MLP uses tanh-approximated GELU (timm's `gelu_tanh`); every other timm ViT with a
 # plain MLP uses exact GELU or says otherwise in its name. Mirrors timm 1.0.31, checked against it by the timm tests.
@@ -757,7 +764,7 @@ def convert_from_timm(
     head_keys = [key for key in tensors if key.startswith(("classifier.", "distillation_classifier."))]
     head = {key: tensors.pop(key) for key in head_keys}
     config = ViTCustomConfig(
-        image_size=list(image_size),
+        image_size=list(image_size) if image_size[0] != image_size[1] else image_size[0],
         patch_size=list(patch_size) if patch_size[0] != patch_size[1] else patch_size[0],
         num_channels=num_channels,
         hidden_size=hidden_size,
@@ -791,7 +798,7 @@ def convert_to_timm(
     config: ViTCustomConfig, state_dict: Mapping[str, torch.Tensor], pretrained_cfg: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Ours -> a timm Hub snapshot: its `config.json` (`architecture`, `model_args`, `pretrained_cfg`, ...) and state
-    dict, which `timm.create_model("local-dir:FOLDER")` (or `hf-hub:` once pushed) builds and loads."""
+    dict, which `timm.create_model("local-dir:FOLDER", pretrained=True)` (or `hf-hub:` once pushed) builds and loads."""
     base, head = _split_head(state_dict)
     _finalize("ViTCustom", config, base, head)  # validates keys and shapes
     if config.hidden_act not in TIMM_ACT_LAYERS:

@@ -480,10 +480,13 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
     def check_encoder_loaded(self, source: str, loading_info: dict) -> None:
         """Raise an `OSError` when `from_pretrained`'s `loading_info` shows encoder weights missing from `source`."""
         encoder_prefix = f"{self.base_model_prefix}."
+        # The attention pool is a head (SigLIP's name for it): a masked-autoencoder folder has none, and a classifier
+        # fine-tuned from it starts a new one.
         missing = sorted(
             key
             for key in loading_info["missing_keys"]
-            if key.startswith(encoder_prefix) or not hasattr(self, self.base_model_prefix)
+            if (key.startswith(encoder_prefix) or not hasattr(self, self.base_model_prefix))
+            and not key.removeprefix(encoder_prefix).startswith("attention_pool.")
         )
         if missing:
             raise OSError(
@@ -500,7 +503,7 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
     `config.fc_norm` (the other is `nn.Identity`), as timm names them.
     """
 
-    def __init__(self, config: ViTCustomConfig):
+    def __init__(self, config: ViTCustomConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = ViTCustomEmbeddings(config)
         # Stochastic depth grows linearly from 0 to `drop_path_rate` over the layers. Plain Python, not a tensor, so
@@ -516,7 +519,7 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         self.layernorm = layer_norm() if config.final_norm and not config.fc_norm else nn.Identity()
         # Only attention pooling has parameters; a module for the others would hold none (and a module the forward
         # does not use would trip DDP's unused-parameter check).
-        if config.pooling == "map":
+        if config.pooling == "map" and add_pooling_layer:
             self.attention_pool = ViTCustomAttentionPool(config)
         self.fc_norm = layer_norm() if config.fc_norm else nn.Identity()
         self.post_init()
@@ -581,8 +584,8 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         """The image representation, `(batch, config.pooled_size)`, from the final tokens; `None` without pooling."""
         if self.config.pooling == "none":
             return None
-        if self.config.pooling == "map":
-            return self.fc_norm(self.attention_pool(sequence_output))
+        if self.config.pooling == "map":  # over the patches only, as timm (`pool_include_prefix=False`)
+            return self.fc_norm(self.attention_pool(sequence_output[:, self.config.num_prefix_tokens :]))
         return self.fc_norm(pool(sequence_output, self.config.pooling, self.config.num_prefix_tokens))
 
     @capture_outputs(tie_last_hidden_states=False)

@@ -175,7 +175,9 @@ class ViTCustomForMaskedImageModeling(ViTCustomPreTrainedModel):
 
     def __init__(self, config: ViTCustomConfig):
         super().__init__(config)
-        self.vit = ViTCustomModel(config)
+        # No attention pool: pre-training never pools, and an unused module would trip DDP's unused-parameter check;
+        # a classifier fine-tuned from this folder initialises it as a new head.
+        self.vit = ViTCustomModel(config, add_pooling_layer=False)
         self.decoder = ViTCustomMAEDecoder(config)
         self.post_init()
 
@@ -248,7 +250,9 @@ class ViTCustomForMaskedImageModeling(ViTCustomPreTrainedModel):
         hidden_states = embeddings.dropout(
             torch.cat((prefix_tokens, visible_tokens), dim=1)
         )  # (batch, prefix + visible, .)
-        latent = self.vit.encode(hidden_states, **kwargs)  # eq. 2-4
+        # eq. 2-4; with `fc_norm` the final LayerNorm waits for pooling, which pre-training lacks, so it normalises
+        # every token.
+        latent = self.vit.fc_norm(self.vit.encode(hidden_states, **kwargs))
 
         logits = self.decoder(latent, ids_restore, grid_size)  # (batch, patches, patch_height * patch_width * channels)
         loss = self.reconstruction_loss(pixel_values, logits, mask)

@@ -51,8 +51,8 @@ OVERLAY_ALPHA = 0.5
 class AttentionMaps:
     """What `compute_attention_maps` returns, on the CPU; every map is upsampled to the input's height and width.
 
-    The maps are the class token's attention to the patches, or for `pooling="mean"` models the mean attention of
-    the patch tokens (see `pooled_rows`).
+    The maps are the class token's attention to the patches, or for models that pool otherwise the mean attention
+    of the patch tokens (see `pooled_rows`).
 
     Attributes:
         rollout: (batch, height, width) attention rollout over the patches.
@@ -121,19 +121,25 @@ def class_token_attention(attentions: Sequence[torch.Tensor], num_prefix_tokens:
 def pooled_rows(attention: torch.Tensor, pooling: str = "cls", num_prefix_tokens: int = 1) -> torch.Tensor:
     """The rows of a token-to-token matrix that the pooled representation is made of, over the patch columns.
 
-    The rows are pooled exactly as the model pools its tokens (`modeling_vit_custom.pool`): with `pooling="cls"` the
-    class token's row; with `pooling="mean"` the classifier never reads the class token, so its row would show
-    attention that does not reach the prediction, and the mean of the patch rows is taken instead.
+    The rows are pooled as the model pools its tokens (`modeling_vit_custom.pool`): with `pooling="cls"` the class
+    token's row; with `"cls_mean"` the mean of that row and the patch rows' mean, as the representation concatenates
+    both. Otherwise (`"mean"`, and `"map"` / `"none"`, whose learned query or absent pooling is not part of the
+    encoder's attention) the classifier never reads the class token, so its row (or a register's, without one) would
+    show attention that does not reach the prediction, and the mean of the patch rows is taken instead.
 
     Args:
         attention: (..., tokens, tokens), e.g. a rollout (batch, tokens, tokens) or one layer (batch, heads, ...).
-        pooling: `config.pooling`, "cls" or "mean".
+        pooling: `config.pooling`.
         num_prefix_tokens: `config.num_prefix_tokens`, the tokens in front of the patches.
 
     Returns:
         (..., tokens - num_prefix_tokens), one weight per patch.
     """
-    return pool(attention, pooling, num_prefix_tokens)[..., num_prefix_tokens:]
+    if pooling == "cls_mean":
+        rows = (pool(attention, "cls", num_prefix_tokens) + pool(attention, "mean", num_prefix_tokens)) / 2
+    else:
+        rows = pool(attention, "cls" if pooling == "cls" else "mean", num_prefix_tokens)
+    return rows[..., num_prefix_tokens:]
 
 
 def patch_map_to_image(
