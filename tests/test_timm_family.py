@@ -10,17 +10,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification, conversion
+from hf_vit_custom.conversion import TIMM_POOLINGS, build_model, convert_from_timm, convert_to_timm
 
 timm = pytest.importorskip("timm", reason="timm is not installed (it needs torchvision)")
-from safetensors.torch import save_file  # noqa: E402
 from timm.layers import PatchEmbed  # noqa: E402
 from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402
-
-from hf_vit_custom import (
-    ViTCustomConfig,
-    conversion,
-)
-from hf_vit_custom.conversion import TIMM_POOLINGS, build_model, convert_from_timm, convert_to_timm  # noqa: E402
 
 TOLERANCE = 1e-5
 ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu", "GELUTanh": "gelu_pytorch_tanh", "SiLU": "silu"}
@@ -188,8 +185,6 @@ def test_to_timm_snapshot_loads_in_timm(preset, tmp_path):
     torch.manual_seed(0)
     patch = int(preset.split("patch")[1].split("-")[0])
     config = ViTCustomConfig.from_preset(preset, num_hidden_layers=2, image_size=4 * patch, num_labels=3)
-    from hf_vit_custom import ViTCustomForImageClassification
-
     model = ViTCustomForImageClassification(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
