@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_image_folder
 from PIL import Image
+from transformers import CLIPImageProcessorPil
 
 from hf_vit_custom.data import (
     ImageClassificationTransform,
@@ -480,3 +481,19 @@ def test_with_transform_and_collate_fn(digits):
     loader = torch.utils.data.DataLoader(transformed, batch_size=4, collate_fn=collate_fn)
     first = next(iter(loader))
     assert first["pixel_values"].shape == (4, 1, 16, 16) and first["labels"].shape == (4,)
+
+
+def test_a_cropping_processor_gives_its_crop_size_and_training_skips_its_crop():
+    """CLIP-style preprocessing (resize the short side, centre-crop), as converted DINOv2, CLIP and timm folders carry:
+    evaluation uses it whole; training's random crop already has the crop size, so the processor only normalises."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    evaluation = ImageClassificationTransform(processor)({"image": [image], "label": [0]})["pixel_values"]
+    torch.testing.assert_close(evaluation, processor([image], return_tensors="pt")["pixel_values"])
+    whole_image = {"crop_scale": (1.0, 1.0), "crop_ratio": (70 / 50, 70 / 50)}
+    training = ImageClassificationTransform(processor, train=True, **whole_image)
+    pixels = training({"image": [image], "label": [0]})["pixel_values"]
+    resized = image.resize((32, 32), resample=Image.Resampling.BILINEAR)
+    expected = processor([resized], do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pixels, expected)

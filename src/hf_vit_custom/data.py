@@ -497,7 +497,8 @@ class ImageClassificationTransform:
     `DataLoader` reseeds differently in every worker.
 
     Args:
-        image_processor: a transformers image processor with `size={"height", "width"}` (e.g. `ViTImageProcessorPil`).
+        image_processor: a transformers image processor with `size={"height", "width"}` (e.g. `ViTImageProcessorPil`),
+            or one that resizes the short side and centre-crops to `crop_size={"height", "width"}` (CLIP's).
         num_channels: 1 converts every image to grayscale ("L"), 3 to "RGB".
         train: apply the random augmentation.
         crop_scale: range of the crop's area as a fraction of the image; `None` disables the random crop.
@@ -526,10 +527,18 @@ class ImageClassificationTransform:
                 f"The image processor normalises {len(mean)} channels (image_mean={list(mean)}) but "
                 f"`num_channels` is {num_channels}."
             )
-        size = image_processor.size
+        # The model's input size: the centre crop of a processor that crops (CLIP's, DINOv2's, a converted timm
+        # model's: resize the short side, then crop), else the processor's resize target.
+        self.crops = bool(
+            getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None)
+        )
+        size = image_processor.crop_size if self.crops else image_processor.size
         height, width = size.get("height"), size.get("width")
         if not height or not width:
-            raise ValueError(f"The image processor needs `size` with 'height' and 'width', got {size!r}.")
+            raise ValueError(
+                "The image processor needs `size` (or, when it centre-crops, `crop_size`) with 'height' and 'width', "
+                f"got {size!r}."
+            )
         if crop_scale is not None and not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"`crop_scale` must satisfy 0 < low <= high <= 1, got {crop_scale!r}.")
         if not 0.0 < crop_ratio[0] <= crop_ratio[1]:
@@ -567,6 +576,11 @@ class ImageClassificationTransform:
             generator = torch.Generator()  # reseeded per image: cheaper than seeding the global generator
             seeded = zip(images, example_seeds, strict=True)
             images = [self.augment(image, generator.manual_seed(seed)) for image, seed in seeded]
+        if self.train and self.crop_scale is not None and self.crops:
+            # The random crop already has the model's size: a cropping processor's own resize and crop would zoom in.
+            return self.image_processor(images, do_resize=False, do_center_crop=False, return_tensors="pt")[
+                "pixel_values"
+            ]
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:

@@ -240,6 +240,7 @@ def processor_at_native_size(
         "height": max(patch_height, round(image.height / patch_height) * patch_height),
         "width": max(patch_width, round(image.width / patch_width) * patch_width),
     }
+    native_processor.do_center_crop = False  # a cropping processor (CLIP's, DINOv2's) would cut the image down again
     return native_processor
 
 
