@@ -308,6 +308,7 @@ def test_timm_layout_parity_without_timm():
         ({"blocks.0.mlp.norm.weight": torch.ones(48)}, "scale_mlp_norm"),
         ({"blocks.0.attn.q_bias": torch.zeros(32)}, "separate q/v biases"),
         ({"blocks.0.attn.rope.freqs": torch.zeros(4)}, "RoPE"),
+        ({"blocks.0.attn.q_proj.weight": torch.zeros(32, 32)}, "Eva layout with rotary position embeddings"),
     ],
 )
 def test_timm_unsupported_variants_are_named(extra, feature):
@@ -317,6 +318,9 @@ def test_timm_unsupported_variants_are_named(extra, feature):
     no_positions = {key: value for key, value in timm_state_dict(hf_model(num_labels=3)).items() if key != "pos_embed"}
     with pytest.raises(ValueError, match="no `pos_embed`"):
         convert_from_timm(no_positions, num_heads=4)
+    for architecture in ("eva02_base_patch14_224.mim_in22k", "vit_base_patch16_rope_224", "vit_small_patch16_dinov3"):
+        with pytest.raises(ValueError, match="no rotary position embeddings"):
+            convert_from_timm(timm_state_dict(hf_model(num_labels=3)), architecture=architecture)
 
 
 def test_timm_model_parity():

@@ -578,6 +578,7 @@ TIMM_UNSUPPORTED = (
     (r"\.attn\.(q|k|v)_bias$", "separate q/v biases"),
     (r"^attn_pool\.[qk]_norm\.", "qk-norm in the attention pool"),
     (r"\.rope\.|^rope\.|freqs", "rotary position embeddings (RoPE, as in EVA-02 and DINOv3)"),
+    (r"\.attn\.[qkv]_proj\.", "timm's Eva layout with rotary position embeddings (RoPE: EVA-02, DINOv3)"),
     (r"\.attn\.(lambda_[qk][12]|sub_norm\.)", "differential attention (timm's DiffAttention)"),
 )
 # SigLIP 2 architectures whose MLP uses tanh-approximated GELU (timm's `gelu_tanh`); every other timm ViT with a
@@ -672,6 +673,11 @@ def convert_from_timm(
     """
     model_args = dict(model_args or {})
     keys = list(state_dict)
+    if architecture and re.match(r"(eva|vit_\w+_rope|vit_\w+_dinov3)", architecture):
+        raise ValueError(
+            f"Unsupported timm architecture {architecture!r}: ViTCustom has no rotary position embeddings (RoPE, as in "
+            "EVA-02 and DINOv3) yet."
+        )
     _check_unsupported("timm", keys, TIMM_UNSUPPORTED)
     for required in ("patch_embed.proj.weight", "pos_embed"):
         if required not in state_dict:
