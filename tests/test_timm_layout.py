@@ -10,6 +10,7 @@ parameter of the reference is perturbed, so that a weight in the wrong place can
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -214,9 +215,10 @@ def test_dinov2_layer_scale_and_packed_swiglu(swiglu):
     if swiglu:  # SwiGLUPacked: fc1 holds the gate rows, then the up rows
         width = source.state_dict()["encoder.layer.0.mlp.gate_proj.weight"].shape[0]
         assert state_dict["blocks.0.mlp.fc1.weight"].shape == (2 * width, 32)
-    # The name's width rule is for vit_small's 384 channels (6 heads); at 32 channels it would give
-    # max(32 // 64, 1) = 1 head, so the tiny model's 4 heads are passed.
-    config, converted = convert_from_timm(state_dict, architecture="vit_small_patch14_dinov2", num_heads=4)
+    # timm's DINOv2 names: SwiGLUPacked is vit_giant's (SiLU), the plain MLP vit_small's. Their width rule is for
+    # 1536 / 384 channels and none of timm's models is 32 wide, so the tiny model's 4 heads are passed.
+    architecture = "vit_giant_patch14_dinov2" if swiglu else "vit_small_patch14_dinov2"
+    config, converted = convert_from_timm(state_dict, architecture=architecture, num_heads=4)
     assert config.layer_scale_init_value is not None and config.layer_norm_eps == 1e-6
     assert (config.mlp_type, config.hidden_act) == (("glu", "silu") if swiglu else ("mlp", "gelu"))
     assert (config.class_token, config.num_prefix_tokens, config.pooling) == (True, 1, "cls")
@@ -292,10 +294,10 @@ def test_timm_name_knobs():
         "layer_norm_eps": 1e-6,
     }
     assert _timm_name_knobs("vit_huge_patch14_clip_224", 1280)["num_attention_heads"] == 16
-    assert _timm_name_knobs("vit_large_patch16_224", 1024)["num_attention_heads"] == 16  # 1024 // 64
+    assert _timm_name_knobs("vit_large_patch16_224", 1024)["num_attention_heads"] == 16
     assert _timm_name_knobs("vit_tiny_patch16_224", 192)["num_attention_heads"] == 3
-    # Below 64 channels the width rule still answers: 1 head (see the bare-file test below).
-    assert _timm_name_knobs("vit_small_patch14_dinov2", 32)["num_attention_heads"] == 1
+    # A width none of timm's models has: no answer, so the conversion asks for `num_heads` (see the script tests).
+    assert _timm_name_knobs("vit_small_patch14_dinov2", 32)["num_attention_heads"] is None
 
 
 def test_deit_distilled_as_timm():
@@ -416,32 +418,43 @@ def test_script_reads_a_timm_snapshot(snapshot):
     assert int(processor.resample) == 3  # PIL bicubic
 
 
-def test_script_bare_timm_file_falls_back_to_the_width_rule(script, snapshot):
-    """Caveat, not refused: a bare weights file (no config.json) with an architecture name and no --num_heads gets
-    the name's width rule, max(32 // 64, 1) = 1 head, silently, where the model has 4. Without a name it is
-    refused."""
+def test_script_without_an_architecture_or_num_heads_is_refused(script, snapshot):
     root = snapshot["root"]
     bare = root / "bare.safetensors"
     save_file(snapshot["state_dict"], bare)
     with pytest.raises(ValueError, match="num_heads"):
         script.main(["--from", "timm", str(bare), "--out", str(root / "bare_no_name")])
     assert not (root / "bare_no_name").exists()
-
-    out = root / "bare_named"
-    script.main(["--from", "timm", str(bare), "--out", str(out), "--architecture", "vit_small_patch14_reg4_dinov2"])
-    model = AutoModelForImageClassification.from_pretrained(out).eval()
-    assert model.config.num_attention_heads == 1
-    assert to_pair(model.config.image_size) == (30, 30)  # 36 positions: the grid without prefix positions
-    pixels = images()
-    with torch.no_grad():
-        difference = (model(pixels).logits - reference_logits(snapshot, pixels)).abs().max().item()
-    assert difference > 1e-3  # a different model, converted without complaint
-
     out = root / "bare_heads"
     script.main(["--from", "timm", str(bare), "--out", str(out), "--num_heads", "4"])
     model = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert to_pair(model.config.image_size) == (30, 30)  # 36 positions: the grid, no prefix positions
+    pixels = images()
     with torch.no_grad():
         assert_max_diff(model(pixels).logits, reference_logits(snapshot, pixels))
+
+
+@pytest.mark.skipif(HAS_TIMM, reason="with timm the head count comes from timm's own model of the architecture")
+@pytest.mark.parametrize("layout", ["bare-file", "snapshot-without-num_heads"])
+def test_script_refuses_a_width_no_timm_model_has_without_num_heads(script, snapshot, layout):
+    """An architecture name and no head count (no --num_heads, no model_args.num_heads) at a width none of timm's
+    models has (32 channels): the head count cannot be inferred, so the script names the flag and writes nothing."""
+    root = snapshot["root"] / layout
+    root.mkdir()
+    if layout == "bare-file":
+        source = root / "weights.safetensors"
+        save_file(snapshot["state_dict"], source)
+        extra = ["--architecture", "vit_small_patch14_reg4_dinov2"]
+    else:
+        source = root / "snapshot"
+        shutil.copytree(snapshot["folder"], source)
+        timm_config = json.loads((source / "config.json").read_text())
+        del timm_config["model_args"]["num_heads"]
+        (source / "config.json").write_text(json.dumps(timm_config))
+        extra = []
+    with pytest.raises(ValueError, match=r"width 32 is none of timm's standard ones: pass `num_heads` \(--num_heads\)"):
+        script.main(["--from", "timm", str(source), "--out", str(root / "out"), *extra])
+    assert not (root / "out").exists()
 
 
 def test_script_to_timm_writes_timm_names(script, snapshot):
@@ -490,14 +503,6 @@ def test_script_to_timm_writes_timm_names(script, snapshot):
         script.main(["--from", "vit_custom", str(snapshot["out"]), "--to", "timm", "--out", str(target)])
 
 
-ACTIVATION_BUG = (
-    "convert_from_timm ignores model_args['act_layer'] (conversion.py, the `hidden |= {...model_args...}` step reads "
-    "only num_heads and global_pool): without timm, a snapshot that convert_to_timm writes for a quick_gelu or "
-    "gelu_tanh model (architecture vit_base_patch16_clip_224 / vit_base_patch16_224) reads back as gelu"
-)
-
-
-@pytest.mark.xfail(not HAS_TIMM, strict=True, reason=ACTIVATION_BUG)
 @pytest.mark.parametrize(
     "knobs",
     [
@@ -519,7 +524,6 @@ def test_timm_snapshot_keeps_its_activation_without_timm(knobs):
     assert back.hidden_act == config.hidden_act
 
 
-@pytest.mark.xfail(not HAS_TIMM, strict=True, reason=ACTIVATION_BUG + "; so `--to timm` fails its own reload check")
 def test_script_to_timm_of_a_clip_tower(script, tmp_path):
     source = reference("CLIPVisionModel", "CLIPVisionConfig")
     config, converted = convert_from_timm(

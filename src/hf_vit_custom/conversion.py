@@ -601,8 +601,25 @@ TIMM_GELU_TANH_ARCHITECTURES = frozenset(
         "vit_so400m_patch16_siglip_gap_512",
     }
 )
-# Widths whose timm models do not use 64-channel heads, and the architectures that differ from their width's rule.
-TIMM_HEADS_BY_WIDTH = {1152: 16, 1280: 16, 1408: 16, 1664: 16}
+# The head count of each width timm's ViTs use (tiny ... gigantic, SigLIP so150m / so400m, DINOv2 giant), and the
+# architectures that differ from their width's count; a width not listed needs `num_heads`.
+TIMM_HEADS_BY_WIDTH = {
+    192: 3,
+    256: 4,
+    320: 5,
+    384: 6,
+    512: 8,
+    640: 10,
+    768: 12,
+    832: 13,
+    896: 14,
+    1024: 16,
+    1152: 16,
+    1280: 16,
+    1408: 16,
+    1536: 24,
+    1664: 16,
+}
 TIMM_HEADS_BY_NAME = {"giantopt": 16, "vit_base_patch16_gap_224": 16}
 # timm activation modules -> `hidden_act`, for reading an architecture built by timm itself.
 TIMM_ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu", "GELUTanh": "gelu_pytorch_tanh", "SiLU": "silu"}
@@ -616,7 +633,7 @@ def _timm_name_knobs(architecture: str, hidden_size: int) -> dict[str, Any]:
     base = architecture.split(".")[0]  # "vit_base_patch16_224.augreg_in21k" -> "vit_base_patch16_224"
     heads = next((heads for part, heads in TIMM_HEADS_BY_NAME.items() if part == base or part in base.split("_")), None)
     knobs = {
-        "num_attention_heads": heads or TIMM_HEADS_BY_WIDTH.get(hidden_size, max(hidden_size // 64, 1)),
+        "num_attention_heads": heads or TIMM_HEADS_BY_WIDTH.get(hidden_size),
         "layer_norm_eps": 1e-5 if "_clip" in base else 1e-6,  # CLIP towers: torch's LayerNorm default
     }
     if "quickgelu" in base:
@@ -639,7 +656,9 @@ def _timm_built_knobs(architecture: str, model_args: Mapping[str, Any]) -> dict[
         model = timm.create_model(base, pretrained=False, **model_args)
     block = model.blocks[0]
     activation = type(getattr(block.mlp, "act", None)).__name__
-    if activation not in TIMM_ACTIVATIONS or (activation == "GELU" and block.mlp.act.approximate != "none"):
+    if activation not in TIMM_ACTIVATIONS or (
+        activation == "GELU" and getattr(block.mlp.act, "approximate", "none") != "none"
+    ):
         raise ValueError(f"timm architecture {architecture!r} uses activation {activation}, which ViTCustom lacks.")
     if getattr(block.mlp, "gate_last", False):
         raise ValueError(
@@ -705,7 +724,8 @@ def convert_from_timm(
     if image_size is None and (size := model_args.get("img_size")):
         image_size = size
     if image_size is None:
-        for prefix_positions in (num_prefix, 0):  # all prefix tokens with positions, or none (`no_embed_class`)
+        # All prefix tokens with positions, or none (`no_embed_class`, which timm's register models use: tried first).
+        for prefix_positions in (0, num_prefix) if num_registers else (num_prefix, 0):
             if math.isqrt(positions - prefix_positions) ** 2 == positions - prefix_positions:
                 image_size = _square_grid(positions - prefix_positions, tuple(patch_size), "timm")
                 break
@@ -743,7 +763,11 @@ def convert_from_timm(
         "interpolate_antialias": True,  # timm's `resample_abs_pos_embed` default
     }
     # What they do not show: the arguments, then the snapshot's model_args, then timm, then the name.
-    hidden = {"hidden_act": "silu" if glu else "gelu", "layer_norm_eps": 1e-6, "num_attention_heads": None}
+    hidden = {
+        "hidden_act": "silu" if glu else "gelu",
+        "layer_norm_eps": 1e-6,
+        "num_attention_heads": TIMM_HEADS_BY_WIDTH.get(hidden_size),
+    }
     hidden["global_pool"] = "map" if "attention_pool.probe" in tensors else "token" if class_token else "avg"
     if architecture:
         hidden |= _timm_name_knobs(architecture, hidden_size)
@@ -753,6 +777,11 @@ def convert_from_timm(
         for name, arg in (("num_attention_heads", "num_heads"), ("global_pool", "global_pool"))
         if arg in model_args
     }
+    if isinstance(model_args.get("act_layer"), str):
+        timm_activations = {timm_name: ours for ours, timm_name in TIMM_ACT_LAYERS.items()}
+        if model_args["act_layer"] not in timm_activations:
+            raise ValueError(f"timm's act_layer={model_args['act_layer']!r} has no ViTCustom activation.")
+        hidden["hidden_act"] = timm_activations[model_args["act_layer"]]
     explicit = {
         "num_attention_heads": num_heads,
         "hidden_act": hidden_act,
@@ -761,7 +790,10 @@ def convert_from_timm(
     }
     hidden |= {name: value for name, value in explicit.items() if value is not None}
     if hidden["num_attention_heads"] is None:
-        raise ValueError("timm weights do not store the number of attention heads: pass `num_heads` (--num_heads).")
+        raise ValueError(
+            f"timm weights do not store the number of attention heads, and width {hidden_size} is none of timm's "
+            "standard ones: pass `num_heads` (--num_heads)."
+        )
     if hidden["global_pool"] not in TIMM_POOLINGS:
         raise ValueError(
             f"timm's global_pool={hidden['global_pool']!r} has no ViTCustom pooling; supported: "
@@ -817,6 +849,9 @@ def convert_to_timm(
     architecture = _timm_base_architecture(config)
     height, width = to_pair(config.image_size)
     mlp_width = 2 * config.intermediate_size if config.mlp_type == "glu" else config.intermediate_size
+    mlp_ratio = mlp_width / config.hidden_size
+    if int(config.hidden_size * mlp_ratio) != mlp_width:  # timm builds int(dim * mlp_ratio): keep it off the rounding
+        mlp_ratio = (mlp_width + 0.5) / config.hidden_size
     model_args = {
         "img_size": [height, width],
         "patch_size": list(to_pair(config.patch_size)),
@@ -824,7 +859,7 @@ def convert_to_timm(
         "embed_dim": config.hidden_size,
         "depth": config.num_hidden_layers,
         "num_heads": config.num_attention_heads,
-        "mlp_ratio": mlp_width / config.hidden_size,
+        "mlp_ratio": mlp_ratio,
         "qkv_bias": config.qkv_bias,
         "qk_norm": config.qk_norm,
         "init_values": config.layer_scale_init_value,
