@@ -26,11 +26,14 @@ from hf_vit_custom.benchmark import (
     run_benchmark,
     select_contenders,
 )
+from hf_vit_custom.cli import raise_usage_errors, run
 from hf_vit_custom.configuration_vit_custom import ViTCustomConfig
 
 
 def main(args: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = raise_usage_errors(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     parser.add_argument("--preset", default="vit-small-patch16-224", help="ViTCustomConfig preset name")
     parser.add_argument("--num_labels", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -76,10 +79,7 @@ def main(args: list[str] | None = None) -> dict:
         "gradient_checkpointing": options.gradient_checkpointing,
         "cpu_optimized": options.device == "cpu",
     }
-    try:
-        contenders = select_contenders(build_contenders(config, **contender_options), options.contenders)
-    except ValueError as error:
-        parser.error(str(error))
+    contenders = select_contenders(build_contenders(config, **contender_options), options.contenders)
     report = run_benchmark(
         config,
         contenders,
@@ -106,4 +106,4 @@ def write_report(report: dict, table: str, output: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

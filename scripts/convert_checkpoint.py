@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessorPil, ViTImageProcessorPil
 
 import hf_vit_custom  # noqa: F401  (registers the Auto classes)
+from hf_vit_custom.cli import raise_usage_errors, run
 from hf_vit_custom.configuration_vit_custom import to_pair
 from hf_vit_custom.conversion import (
     TRANSFORMERS_FAMILIES,
@@ -48,7 +49,9 @@ PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = raise_usage_errors(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     parser.add_argument(
         "--from", dest="source_format", required=True, choices=["transformers", "timm", "jax", "vit_custom"]
     )
@@ -294,7 +297,7 @@ def main(argv=None) -> Path:
     try:
         write_folder_atomically(out, write, overwrite=args.overwrite)
     except FileExistsError as error:
-        raise SystemExit(f"{error}; pass --overwrite to replace it.") from None
+        raise FileExistsError(f"{error}; pass --overwrite to replace it.") from None
     logger.info("Wrote %s (%s -> %s) to %s.", config.model_type, args.source_format, args.target_format, out)
     if args.push_to_hub:
         if model is None:
@@ -309,4 +312,4 @@ def main(argv=None) -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    main()
+    run(main)

@@ -11,6 +11,7 @@ patches, and every `TrainingArguments` flag works (`--help` lists them); a singl
 a file of arguments.
 """
 
+from hf_vit_custom.cli import run
 from hf_vit_custom.pretraining import PretrainingArguments, pretrain, print_pretraining_results
 from hf_vit_custom.training import DataArguments, ModelArguments, run_script
 
@@ -20,4 +21,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

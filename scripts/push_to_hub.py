@@ -8,13 +8,15 @@ given a model card with its `all_results.json` metrics; the local folder itself 
 
 import argparse
 import logging
-import sys
 
-from hf_vit_custom.hub import HubError, push_model_folder
+from hf_vit_custom.cli import raise_usage_errors, run
+from hf_vit_custom.hub import push_model_folder
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = raise_usage_errors(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     parser.add_argument("output_dir", help="folder written by save_pretrained / scripts/train.py")
     parser.add_argument("--repo_id", required=True, help="USER/NAME or ORG/NAME on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
@@ -23,21 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default=None, help="dataset id to name in the model card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        url = push_model_folder(
-            args.output_dir,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            dataset=args.dataset,
-        )
-    except (ValueError, HubError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    url = push_model_folder(
+        args.output_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        dataset=args.dataset,
+    )
     print(url)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

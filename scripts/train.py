@@ -9,6 +9,7 @@ as a file of arguments. Several processes:
     accelerate launch --config_file scripts/configs/ddp.yaml scripts/train.py
 """
 
+from hf_vit_custom.cli import run
 from hf_vit_custom.training import (
     DataArguments,
     ModelArguments,
@@ -24,4 +25,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

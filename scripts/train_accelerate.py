@@ -19,6 +19,7 @@ import os
 import sys
 
 from hf_vit_custom.accelerate_loop import AccelerateArguments, train_with_accelerate
+from hf_vit_custom.cli import run
 from hf_vit_custom.persistence import TrainingInterrupted
 from hf_vit_custom.training import DataArguments, ModelArguments, parse_arguments, print_results
 
@@ -42,4 +43,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,6 +16,7 @@ from typing import Literal
 from transformers import HfArgumentParser
 
 import hf_vit_custom  # noqa: F401  (registers the Auto classes)
+from hf_vit_custom.cli import raise_usage_errors, run
 from hf_vit_custom.visualize import load_model_and_processor, open_image, save_attention_figures
 
 
@@ -36,18 +37,15 @@ class VisualizeArguments:
 
 
 def main(args: list[str] | None = None) -> None:
-    parser = HfArgumentParser(
-        VisualizeArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = raise_usage_errors(
+        HfArgumentParser(VisualizeArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     parser.add_argument("model", help="Saved model folder (or Hub id when online).")
     parser.add_argument("images", nargs="+", help="Image files.")
     arguments, paths = parser.parse_args_into_dataclasses(args=sys.argv[1:] if args is None else args)
 
     # Read every image before loading the model, so that a wrong path fails at once and writes nothing.
-    try:
-        images = {path: open_image(path) for path in paths.images}
-    except OSError as error:
-        raise SystemExit(f"visualize_attention.py: {error}") from None
+    images = {path: open_image(path) for path in paths.images}
     model, image_processor = load_model_and_processor(paths.model)
     written = save_attention_figures(
         model,
@@ -63,4 +61,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, BertConfig
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
+from hf_vit_custom.cli import run
 from hf_vit_custom.data import (
     ImageClassificationTransform,
     build_datasets,
@@ -326,7 +327,7 @@ def test_the_table_covers_every_kind_of_mistake():
 
 def test_a_bad_flag_value_exits_with_a_usage_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_with(tmp_path, "--num_train_epochs", "many")
+        run(lambda: train_with(tmp_path, "--num_train_epochs", "many"))
     assert exit_info.value.code == 2
     assert "argument --num_train_epochs/--num-train-epochs: invalid float value: 'many'" in capsys.readouterr().err
 

@@ -20,6 +20,7 @@ from hf_vit_custom.benchmark import (
     select_contenders,
     vit_forward_flops,
 )
+from hf_vit_custom.cli import run
 
 
 def test_forward_flops_match_a_hand_count():
@@ -114,7 +115,7 @@ def test_script_refuses_an_unknown_contender_with_a_usage_message(capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--contenders", "hf_vit_custom-sdpa", "timmm"])
+        run(lambda: script.main(["--contenders", "hf_vit_custom-sdpa", "timmm"]))
     assert exit_info.value.code == 2
     assert "Unknown contender(s) ['timmm']; this run has ['hf_vit_custom-sdpa'" in capsys.readouterr().err
 

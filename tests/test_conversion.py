@@ -364,7 +364,7 @@ def test_script_transformers_folder(script, tmp_path):
     processor = AutoImageProcessor.from_pretrained(out)
     assert processor.size == {"height": 32, "width": 32}
     # An existing non-empty --out is refused without --overwrite.
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
         script.main(["--from", "transformers", str(tmp_path / "source"), "--out", str(out)])
     script.main(["--from", "transformers", str(tmp_path / "source"), "--out", str(out), "--overwrite"])
     assert to_hw(AutoModel.from_pretrained(out).config.image_size) == (16, 16)

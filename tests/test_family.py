@@ -549,7 +549,7 @@ def test_fc_norm_normalises_the_pooled_representation_not_the_tokens(pooling):
         outputs = model(images(), output_hidden_states=True)
         tokens = outputs.last_hidden_state
         if pooling == "map":
-            raw_pooled = model.attention_pool(tokens)
+            raw_pooled = model.attention_pool(tokens[:, model.config.num_prefix_tokens :])  # the patches, as timm
         else:
             raw_pooled = tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(1)
         expected = nn.functional.layer_norm(

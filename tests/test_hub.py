@@ -21,6 +21,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 from transformers import ViTImageProcessorPil
 
 import hf_vit_custom
+from hf_vit_custom.cli import run
 from hf_vit_custom.hub import HubError, load_from_hub, push_model_folder
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
@@ -274,7 +275,9 @@ def test_cli_pushes_an_old_save_completed_for_trust_remote_code(hub, tmp_path, c
         "AutoModelForImageClassification",
     }
     assert snapshot(folder) == before
-    assert script.main([str(tmp_path / "nowhere"), "--repo_id", "test-user/cli"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: script.main([str(tmp_path / "nowhere"), "--repo_id", "test-user/cli"]))
+    assert exit_info.value.code == 2
     assert "is not a folder" in capsys.readouterr().err
 
 

@@ -499,7 +499,7 @@ def test_script_to_timm_writes_timm_names(script, snapshot):
     for key, value in ours.items():
         assert torch.equal(back[key], value), key
 
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
         script.main(["--from", "vit_custom", str(snapshot["out"]), "--to", "timm", "--out", str(target)])
 
 

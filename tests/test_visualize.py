@@ -237,11 +237,11 @@ def test_script_names_a_missing_or_unreadable_image(saved_model, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     missing = tmp_path / "missing.png"
-    with pytest.raises(SystemExit, match=r"Image '.*missing\.png' does not exist"):
+    with pytest.raises(OSError, match=r"Image '.*missing\.png' does not exist"):
         script.main([str(saved_model), str(missing), "--out", str(tmp_path / "out")])
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
-    with pytest.raises(SystemExit, match=r"Cannot read image '.*notes\.png'"):
+    with pytest.raises(OSError, match=r"Cannot read image '.*notes\.png'"):
         script.main([str(saved_model), str(not_an_image), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 

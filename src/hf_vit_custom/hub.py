@@ -61,7 +61,7 @@ VIT_CITATION = """@inproceedings{dosovitskiy2021an,
 }"""
 
 
-class HubError(RuntimeError):
+class HubError(OSError):
     """A push or pull failed for a reason the user can act on; the message says which (the token is never in it)."""
 
 

@@ -25,6 +25,7 @@ from transformers import (
     set_seed,
 )
 
+from .cli import raise_usage_errors
 from .configuration_vit_custom import ViTCustomConfig, to_pair
 from .cpu_speed import optimize_for_cpu
 from .data import (
@@ -196,7 +197,7 @@ class ViTTrainingArguments(TrainingArguments):
 
 def parse_arguments(dataclass_types: tuple[type, ...], args: list[str]) -> tuple:
     """Parse command-line flags, or one `.json` / `.yaml` file holding them, into `dataclass_types`."""
-    parser = HfArgumentParser(dataclass_types)
+    parser = raise_usage_errors(HfArgumentParser(dataclass_types))
     if len(args) == 1 and args[0].endswith(".json"):
         return parser.parse_json_file(args[0])
     if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
