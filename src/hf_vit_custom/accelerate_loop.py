@@ -90,17 +90,12 @@ class AccelerateArguments(ViTTrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.num_train_epochs < 1:  # before the shared checks, whose message allows a fraction of an epoch
+            raise ValueError(f"`num_train_epochs` must be at least 1, got {self.num_train_epochs}.")
+        super().__post_init__()  # batch sizes, learning rate, something to train: `check_training_values`
         if self.num_train_epochs != int(self.num_train_epochs):
             raise ValueError(
                 f"`num_train_epochs` must be a whole number in the Accelerate loop, got {self.num_train_epochs}."
-            )
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError(
-                f"`gradient_accumulation_steps` must be at least 1, got {self.gradient_accumulation_steps}."
             )
         if self.max_steps > 0:
             raise ValueError("The Accelerate loop trains whole epochs: set `num_train_epochs`, not `max_steps`.")

@@ -1,5 +1,6 @@
 """Training glue shared by the Trainer and Accelerate entry points: arguments, model set-up, optimiser groups."""
 
+import difflib
 import logging
 import math
 import os
@@ -85,6 +86,8 @@ NO_DECAY_PARAMETERS = (
     "mask_token",
 )
 ATTENTION_MAPS_NAME = "attention_maps.png"
+# Config fields whose default is None, which `--config_overrides` parses as floats (or `none`).
+OPTIONAL_CONFIG_FIELDS = ("layer_scale_init_value",)
 
 
 @dataclass
@@ -192,7 +195,21 @@ class ViTTrainingArguments(TrainingArguments):
         if self.early_stopping_patience is not None:
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "accuracy"
+        self.check_training_values()
         super().__post_init__()
+
+    def check_training_values(self) -> None:
+        """Refuse values with which nothing, or nothing sensible, would be trained, before any data is loaded."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
+        if not math.isfinite(self.learning_rate) or self.learning_rate < 0:  # 0 freezes the model: allowed
+            raise ValueError(f"`--learning_rate` must be a finite number >= 0, got {self.learning_rate}.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(
+                f"Nothing would be trained: `--num_train_epochs` is {self.num_train_epochs} and `--max_steps` is "
+                f"{self.max_steps}; give a positive number of epochs (or steps)."
+            )
 
 
 def parse_arguments(dataclass_types: tuple[type, ...], args: list[str]) -> tuple:
@@ -280,11 +297,50 @@ def resolve_config(model_args: ModelArguments, uses_default_data: bool, **fields
         config = AutoConfig.from_pretrained(source, **hub_kwargs, **fields)
     else:
         config = ViTCustomConfig.from_preset(source, **fields)
+    if not isinstance(config, ViTCustomConfig):
+        raise ValueError(
+            f"{source!r} holds a {config.model_type!r} model, not a vit_custom one; convert it first with "
+            "scripts/convert_checkpoint.py."
+        )
     if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
+        apply_config_overrides(config, model_args.config_overrides)
         config.validate_vit_values()  # a plain `ValueError` naming the field
         config.validate()
     return config
+
+
+def apply_config_overrides(config: ViTCustomConfig, overrides: str) -> None:
+    """Apply `key=value,key=value` to `config`, each value parsed as the field's type; a `ValueError` names a key that
+    does not exist (and the nearest that does) or a value that does not parse. `none` sets an optional field to None.
+    """
+    for item in overrides.split(","):
+        key, separator, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not separator or not key:
+            raise ValueError(f"`--config_overrides` takes key=value pairs separated by commas, got {item!r}.")
+        fields = config.to_dict()
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"`--config_overrides`: the config has no field {key!r}{hint}")
+        current = getattr(config, key)
+        try:
+            if text.lower() == "none" and key in OPTIONAL_CONFIG_FIELDS:
+                value = None
+            elif isinstance(current, bool):
+                value = {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+            elif isinstance(current, int):
+                value = int(text)
+            elif isinstance(current, float) or key in OPTIONAL_CONFIG_FIELDS:
+                value = float(text)
+            elif isinstance(current, (list, tuple)):
+                value = [int(part) for part in text.split("x")]
+            else:
+                value = text
+        except (KeyError, ValueError):
+            kind = type(current).__name__ if current is not None else "float"
+            raise ValueError(f"`--config_overrides`: {key}={text!r} is not a valid {kind}.") from None
+        setattr(config, key, value)
 
 
 def build_model_and_processor(
