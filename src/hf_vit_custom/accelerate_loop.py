@@ -46,7 +46,9 @@ from .metrics import ClassificationMetrics
 from .persistence import (
     ACCELERATE_CHECKPOINTS,
     TrainingInterrupted,
+    check_checkpoint_fits,
     check_output_folder,
+    check_output_folder_is_free,
     interrupted_message,
     newest_complete_checkpoint,
     prune_checkpoints,
@@ -250,6 +252,8 @@ def _set_up(
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
+        resuming = args.resume_from_checkpoint is not None
+        check_output_folder_is_free(output_dir, ACCELERATE_CHECKPOINTS, resuming, args.overwrite_output_dir)
         check_output_folder(output_dir, needed_bytes=0)  # writable; the room is checked once the model is known
     hub_repo_id = _create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     with accelerator.main_process_first():  # the main process fills the `datasets` cache, the others read it
@@ -369,6 +373,7 @@ def _resume(run: _Run) -> None:
     checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINTS)
     if checkpoint is None:
         return
+    check_checkpoint_fits(checkpoint, run.accelerator.unwrap_model(run.model))
     progress.load(checkpoint)
     run.accelerator.load_state(str(checkpoint))
     logger.info(

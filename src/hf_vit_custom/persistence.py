@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -189,6 +191,50 @@ def prune_checkpoints(output_dir: str | os.PathLike, scheme: CheckpointScheme, k
         shutil.rmtree(folder)
 
 
+def check_output_folder_is_free(
+    output_dir: str | os.PathLike, scheme: CheckpointScheme, resuming: bool, overwrite: bool
+) -> None:
+    """Refuse an `output_dir` that holds an earlier run's model or checkpoints, unless this run resumes that run or
+    the user asked for `--overwrite_output_dir`: the save would replace the model, and `save_total_limit` rotation would
+    delete checkpoints this run did not write.
+    """
+    root = Path(output_dir)
+    if resuming or overwrite or not root.is_dir():
+        return
+    held = [name for name in ("config.json", "model.safetensors", "pytorch_model.bin") if (root / name).exists()]
+    held += [folder.name for _, folder in checkpoints(root, scheme)]
+    if held:
+        listed = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise OutputFolderError(
+            f"{str(output_dir)!r} already holds an earlier run's {listed}: resume it with `--resume_from_checkpoint "
+            "latest`, replace it with `--overwrite_output_dir`, or choose another `--output_dir`."
+        )
+
+
+def check_checkpoint_fits(checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Raise a `ValueError` when the weights in `checkpoint` do not fit `model` (a checkpoint of another architecture
+    in the output folder), before the loop's own loading fails with a size mismatch deep inside torch.
+
+    Reads the shapes from the safetensors header only. Checkpoints without a `model.safetensors` (FSDP's sharded
+    state) are left to the loop's loading.
+    """
+    weights = Path(checkpoint) / "model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(weights, framework="pt") as file:
+        saved = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    wrong = [
+        f"{key}: {saved[key]} saved, {shape} here" for key, shape in expected.items() if saved.get(key, shape) != shape
+    ]
+    if wrong or not saved.keys() & expected.keys():
+        detail = wrong[0] if wrong else "no weight of this model in it"
+        raise ValueError(
+            f"The checkpoint {str(checkpoint)!r} is of another architecture than this run's model ({detail}); resume "
+            "it with the flags it was trained with, or train afresh in another `--output_dir`."
+        )
+
+
 def resolve_resume_checkpoint(
     resume_from_checkpoint: str | None, output_dir: str | os.PathLike, scheme: CheckpointScheme
 ) -> Path | None:
@@ -235,7 +281,9 @@ __all__ = [
     "CheckpointScheme",
     "OutputFolderError",
     "TrainingInterrupted",
+    "check_checkpoint_fits",
     "check_output_folder",
+    "check_output_folder_is_free",
     "checkpoints",
     "discard_incomplete_checkpoints",
     "interrupted_message",

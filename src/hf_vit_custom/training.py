@@ -42,7 +42,9 @@ from .metrics import build_compute_metrics
 from .persistence import (
     TRAINER_CHECKPOINTS,
     TrainingInterrupted,
+    check_checkpoint_fits,
     check_output_folder,
+    check_output_folder_is_free,
     discard_incomplete_checkpoints,
     interrupted_message,
     newest_complete_checkpoint,
@@ -175,6 +177,13 @@ class ViTTrainingArguments(TrainingArguments):
     early_stopping_patience: int | None = field(
         default=None,
         metadata={"help": "Stop after this many evaluations without a better `metric_for_best_model` (accuracy)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the model and checkpoints an earlier run left in `--output_dir` (refused without it, "
+            "unless resuming)."
+        },
     )
 
     # The model has no unused parameters (every module takes part in the forward), so DDP can skip the search.
@@ -510,6 +519,10 @@ def prepare_output_folder(model: PreTrainedModel, training_args: TrainingArgumen
     """Before `Trainer` is built (it creates the folder): check that the output folder can take the run's model and
     checkpoints, and clear away the half-written checkpoint a killed run may have left."""
     if training_args.should_save:
+        resuming = training_args.resume_from_checkpoint is not None
+        check_output_folder_is_free(
+            training_args.output_dir, TRAINER_CHECKPOINTS, resuming, training_args.overwrite_output_dir
+        )
         footprint = training_footprint(model.num_parameters(), training_args.save_total_limit)
         check_output_folder(training_args.output_dir, footprint)
         discard_incomplete_checkpoints(training_args.output_dir, TRAINER_CHECKPOINTS)
@@ -522,6 +535,8 @@ def run_trainer(trainer: Trainer, training_args: TrainingArguments):
     """
     output_dir = training_args.output_dir
     checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, TRAINER_CHECKPOINTS)
+    if checkpoint is not None:
+        check_checkpoint_fits(checkpoint, trainer.model)
     try:
         return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
