@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -497,3 +498,37 @@ def test_a_cropping_processor_gives_its_crop_size_and_training_skips_its_crop():
     expected = processor([resized], do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
     torch.testing.assert_close(pixels, expected)
+
+
+def write_bad_image(folder: Path, kind: str) -> Path:
+    """Into `folder/cat`: a non-image named .jpg, a truncated JPEG, or a decompression bomb (under a pixel limit
+    lowered to 1,000 by the test, so that a 200x200 image is one)."""
+    path = folder / "cat" / {"not-an-image": "notes.jpg", "truncated": "cut.jpg", "bomb": "bomb.png"}[kind]
+    if kind == "not-an-image":
+        path.write_text("not an image")
+    elif kind == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:400])  # the header survives: only decoding finds it
+    else:
+        Image.new("L", (200, 200)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["not-an-image", "truncated", "bomb"])
+def test_an_image_that_does_not_decode_is_named_before_training(kind, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    train = make_image_folder(tmp_path / "train")
+    bad = write_bad_image(train, kind)
+    with pytest.raises(ValueError, match=rf"Cannot read image '.*{bad.name}'.*--skip_bad_images"):
+        load_image_folder(train, cache_dir=tmp_path / "cache")
+
+
+def test_skip_bad_images_leaves_them_out_with_a_warning_naming_each(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    train = make_image_folder(tmp_path / "train")
+    bad = [write_bad_image(train, kind) for kind in ("not-an-image", "truncated", "bomb")]
+    with caplog.at_level(logging.WARNING, logger="hf_vit_custom.data"):
+        dataset = load_image_folder(train, validation_size=0.5, cache_dir=tmp_path / "cache", skip_bad_images=True)
+    assert dataset["train"].num_rows + dataset["validation"].num_rows == 3 * 6  # the good images, all of them
+    for path in bad:
+        assert path.name in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ def load_image_folder(
     validation_size: float = 0.1,
     seed: int = 42,
     cache_dir: str | os.PathLike | None = None,
+    skip_bad_images: bool = False,
 ) -> datasets.DatasetDict:
     """Load `train_dir/<class>/<image>` folders (plus optional validation/test folders with the same classes).
 
@@ -127,6 +129,8 @@ def load_image_folder(
         validation_size: fraction of the training images held out when there is no `validation_dir`.
         seed: seed of the held-out split.
         cache_dir: where `datasets` writes its Arrow cache (defaults to the `datasets` cache).
+        skip_bad_images: leave out, with a warning naming each, the files that do not decode (see
+            `check_image_files`), instead of refusing the folder.
 
     Returns:
         Splits `train`, `validation` (and `test` with `test_dir`), columns `image` and `label` (`ClassLabel` with
@@ -134,7 +138,7 @@ def load_image_folder(
     """
     _check_fraction("validation_size", validation_size)
     train_files, class_names = _scan_image_folder(train_dir, "train_dir")
-    dataset = datasets.DatasetDict({"train": _load_image_files(train_files, cache_dir)})
+    dataset = datasets.DatasetDict({"train": _load_image_files(train_files, cache_dir, skip_bad_images)})
     for split, folder, argument in (("validation", validation_dir, "validation_dir"), ("test", test_dir, "test_dir")):
         if folder is None:
             continue
@@ -145,7 +149,7 @@ def load_image_folder(
                 f"missing {sorted(set(class_names) - set(split_class_names))}, "
                 f"extra {sorted(set(split_class_names) - set(class_names))}. Both need the same class sub-folders."
             )
-        dataset[split] = _load_image_files(files, cache_dir)
+        dataset[split] = _load_image_files(files, cache_dir, skip_bad_images)
     if "validation" not in dataset:
         dataset["train"], dataset["validation"] = _hold_out(dataset["train"], validation_size, seed, LABEL_COLUMN)
     return datasets.DatasetDict({split: dataset[split] for split in SPLITS if split in dataset})
@@ -156,6 +160,7 @@ def load_unlabeled_image_folder(
     validation_dir: str | os.PathLike | None = None,
     validation_size: float = 0.1,
     seed: int = 42,
+    skip_bad_images: bool = False,
 ) -> datasets.DatasetDict:
     """Load every image below `train_dir` (any layout; sub-folder names are ignored) for self-supervised training.
 
@@ -164,17 +169,16 @@ def load_unlabeled_image_folder(
     images are held out.
     """
     _check_fraction("validation_size", validation_size)
-    dataset = datasets.DatasetDict({"train": _unlabeled_images(train_dir, "train_dir")})
+    dataset = datasets.DatasetDict({"train": _unlabeled_images(train_dir, "train_dir", skip_bad_images)})
     if validation_dir is not None:
-        dataset["validation"] = _unlabeled_images(validation_dir, "validation_dir")
+        dataset["validation"] = _unlabeled_images(validation_dir, "validation_dir", skip_bad_images)
     else:
         dataset["train"], dataset["validation"] = _hold_out(dataset["train"], validation_size, seed, LABEL_COLUMN)
     return dataset
 
 
-def _unlabeled_images(folder: str | os.PathLike, argument: str) -> datasets.Dataset:
-    files = [str(path) for path in _image_files_below(folder, argument)]
-    _check_image_files(files)
+def _unlabeled_images(folder: str | os.PathLike, argument: str, skip_bad_images: bool) -> datasets.Dataset:
+    files = check_image_files([str(path) for path in _image_files_below(folder, argument)], skip_bad_images)
     features = datasets.Features(
         {IMAGE_COLUMN: datasets.Image(), LABEL_COLUMN: datasets.ClassLabel(names=[UNLABELED_CLASS])}
     )
@@ -265,6 +269,7 @@ def build_datasets(
     seed: int = 42,
     cache_dir: str | os.PathLike | None = None,
     labeled: bool = True,
+    skip_bad_images: bool = False,
 ) -> datasets.DatasetDict:
     """Pick the data source from the arguments, load it and validate it: the one entry point of the scripts.
 
@@ -286,6 +291,7 @@ def build_datasets(
         cache_dir: `datasets` cache folder.
         labeled: `False` reads `train_dir` (and `validation_dir`) as unlabeled images in any layout
             (`load_unlabeled_image_folder`), for self-supervised pre-training; `test_dir` is then not used.
+        skip_bad_images: image folders only: leave out undecodable files with a warning instead of refusing.
 
     Returns:
         A validated `DatasetDict` with splits `train`, `validation` and, where available, `test`, and the columns
@@ -316,10 +322,18 @@ def build_datasets(
     elif train_dir is not None and not labeled:
         if test_dir is not None:
             raise ValueError("`test_dir` has no use without labels.")
-        dataset = load_unlabeled_image_folder(train_dir, validation_dir, validation_size=validation_size, seed=seed)
+        dataset = load_unlabeled_image_folder(
+            train_dir, validation_dir, validation_size=validation_size, seed=seed, skip_bad_images=skip_bad_images
+        )
     elif train_dir is not None:
         dataset = load_image_folder(
-            train_dir, validation_dir, test_dir, validation_size=validation_size, seed=seed, cache_dir=cache_dir
+            train_dir,
+            validation_dir,
+            test_dir,
+            validation_size=validation_size,
+            seed=seed,
+            cache_dir=cache_dir,
+            skip_bad_images=skip_bad_images,
         )
     else:
         dataset = load_digits_dataset(seed=seed, validation_size=validation_size, test_size=test_size)
@@ -746,24 +760,39 @@ def _scan_image_folder(folder: str | os.PathLike, argument: str) -> tuple[list[s
     return [str(path) for path in images], class_names
 
 
-def _check_image_files(files: list[str]) -> None:
-    """Open every file's header and verify its data, so that a truncated or non-image file is named up front.
+def check_image_files(files: list[str], skip_bad_images: bool = False) -> list[str]:
+    """Decode every file completely, so that a non-image, a truncated file or a decompression bomb (more pixels than
+    `PIL.Image.MAX_IMAGE_PIXELS`) is named before training starts rather than inside it, without its name.
 
-    Otherwise it surfaces as a PIL error in the middle of training, without the file's name.
+    Returns the files that decode; a bad one raises a `ValueError` naming it, or with `skip_bad_images` is left out
+    with a warning naming it. Decoding costs a few milliseconds per photo, once per run.
     """
+    readable = []
     for file in files:
         try:
-            with Image.open(file) as image:
-                image.verify()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to 2x the limit
+                with Image.open(file) as image:
+                    image.load()
         except Exception as error:  # PIL raises many types for bad files: all mean the same here
-            raise ValueError(f"Cannot read image {file!r}: {error}. Remove or replace the file.") from error
+            problem = f"Cannot read image {file!r}: {error}"
+            if not skip_bad_images:
+                raise ValueError(f"{problem}. Remove or replace the file, or pass `--skip_bad_images`.") from error
+            logger.warning("%s; skipping it (--skip_bad_images).", problem)
+            continue
+        readable.append(file)
+    if not readable:
+        raise ValueError(f"None of the {len(files)} image files decodes (e.g. {files[0]!r}).")
+    return readable
 
 
-def _load_image_files(files: list[str], cache_dir: str | os.PathLike | None) -> datasets.Dataset:
+def _load_image_files(
+    files: list[str], cache_dir: str | os.PathLike | None, skip_bad_images: bool = False
+) -> datasets.Dataset:
     # An explicit file list rather than `data_dir`: with `data_dir`, `datasets` infers splits from path names, so a
     # class folder or file named like "test_1.png" silently becomes a separate split and the rest is dropped.
     # `drop_labels=False` keeps the labels that `imagefolder` would otherwise only infer heuristically.
-    _check_image_files(files)
+    files = check_image_files(files, skip_bad_images)
     loaded = datasets.load_dataset(
         "imagefolder",
         data_files={"train": files},

@@ -136,6 +136,10 @@ class DataArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
     validation_size: float = field(default=0.1, metadata={"help": "Share of train held out when no validation."})
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "Leave out image files that do not decode, with a warning naming each, instead of refusing."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation sets."})
     horizontal_flip: bool = field(
@@ -489,6 +493,7 @@ def prepare_data_and_model(
         seed=training_args.seed,
         cache_dir=model_args.cache_dir,
         labeled=labeled,
+        skip_bad_images=data_args.skip_bad_images,
     )
     uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
     id2label, _ = label_maps(splits["train"])
