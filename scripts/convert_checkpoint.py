@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a `.npz` file, or an `OSError` naming a file that is truncated or not an `.npz` at all."""
+    try:
+        with np.load(path) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+        raise OSError(
+            f"Cannot read {str(path)!r} as a .npz file ({error}): it is truncated or of another format."
+        ) from error
+
+
 def load_transformers(path: Path):
     """The source model through transformers itself, which renames older checkpoints' keys to the 5.x layout.
 
@@ -181,8 +193,7 @@ def convert(args: argparse.Namespace):
         )
         processor = timm_processor(pretrained_cfg, to_pair(config.image_size))
     elif args.source_format == "jax":
-        with np.load(path) as arrays:
-            config, state_dict = convert_from_jax(dict(arrays), include_head=not args.no_head)
+        config, state_dict = convert_from_jax(load_npz(path), include_head=not args.no_head)
         processor = vit_processor(config, image_mean=IMAGENET_INCEPTION, image_std=IMAGENET_INCEPTION)
     else:
         model = hf_vit_custom_model(path)

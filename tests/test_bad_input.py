@@ -158,6 +158,15 @@ CASES = [
     ("one-infinite-pixel", lambda t: model()(one_pixel(float("-inf"))), ValueError, r"NaN or infinite"),
     ("one-nan-pixel", lambda t: model()(one_pixel(float("nan"))), ValueError, r"NaN or infinite"),
     ("no-pixels", lambda t: model()(), ValueError, r"`pixel_values` is required"),
+    ("meta-pixels", lambda t: model()(torch.empty(1, 3, 16, 16, device="meta")), ValueError, r"on the meta device"),
+    ("empty-batch", lambda t: model()(images(0, 3, 16, 16)), ValueError, r"`pixel_values` is an empty batch"),
+    ("overflowing-pixels", lambda t: model()(torch.full((1, 3, 16, 16), 1e20)), ValueError, r"overflows to NaN"),
+    (
+        "bool-labels",
+        lambda t: model()(images(2, 3, 16, 16), labels=torch.tensor([True, False])),
+        ValueError,
+        r"`labels` of dtype torch.bool: class indices need an integer dtype \(int64",
+    ),
     (
         "label-outside-head",
         lambda t: model()(images(2, 3, 16, 16), labels=torch.tensor([0, 7])),
@@ -306,10 +315,11 @@ def test_a_mistake_ends_in_one_clear_error(tmp_path, make_mistake, error, messag
 
 
 def test_finite_pixels_whose_sum_overflows_are_not_mistaken_for_infinite_ones():
+    """They are finite, but the model's arithmetic overflows on them (NaN logits): named as too large."""
     pixels = torch.full((2, 3, 16, 16), 3e38)
-    assert torch.isinf(pixels.sum())
-    with torch.no_grad():
-        assert model()(pixels).logits.shape == (2, 5)
+    assert torch.isinf(pixels.sum()) and torch.isfinite(pixels).all()
+    with pytest.raises(ValueError, match=r"holds values up to 3e\+38, so large that the model's float arithmetic"):
+        model()(pixels)
 
 
 def test_pixels_off_the_cpu_are_not_read_back_for_the_nan_check():
@@ -344,3 +354,22 @@ def test_grayscale_rgba_and_16_bit_images_are_converted_as_a_person_reads_them()
     assert sixteen_bit.mode == "I;16"
     assert (np.asarray(convert_image(sixteen_bit, "L")) == np.asarray(gray)).all()
     assert transform(sixteen_bit)["pixel_values"].equal(transform(gray)["pixel_values"])
+
+
+def test_int32_labels_are_class_indices():
+    classifier = model()
+    pixels = images(2, 3, 16, 16)
+    int32_loss = classifier(pixels, labels=torch.tensor([0, 3], dtype=torch.int32)).loss
+    torch.testing.assert_close(int32_loss, classifier(pixels, labels=torch.tensor([0, 3])).loss, rtol=0, atol=0)
+
+
+def test_a_failed_call_leaves_the_problem_type_unset():
+    """transformers' loss infers `problem_type` from the first labels and stores it: not from labels it refuses."""
+    classifier = model()
+    pixels = images(2, 3, 16, 16)
+    for wrong in (torch.tensor([True, False]), torch.ones(2, 3)):  # bool; float of the wrong shape
+        with pytest.raises(ValueError):
+            classifier(pixels, labels=wrong)
+        assert classifier.config.problem_type is None
+    assert torch.isfinite(classifier(pixels, labels=torch.tensor([0, 1])).loss)  # correct labels still work
+    assert classifier.config.problem_type == "single_label_classification"

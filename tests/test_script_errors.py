@@ -9,6 +9,9 @@ A fresh interpreter costs seconds (torch and transformers), so checks of flag va
 (`VALUE_CASES`, `USAGE_CASES`) call the scripts' `main` through `hf_vit_custom.cli.run` in this process, and one
 interpreter runs every script's `--help`. The exceptions the library raises for the same kinds of mistake are
 tabled in `tests/test_bad_input.py`; this file is about what reaches the terminal.
+
+`--skip_bad_images` leaves unreadable images out, with a warning naming each, instead of refusing the
+run: one test checks that path.
 """
 
 import hashlib
@@ -202,12 +205,9 @@ def previous_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("previous-run")
     images = make_image_folder(root / "images", classes=CLASSES, per_class=IMAGES_PER_CLASS)
     output = root / RUN_NAME
-    flags = ["--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]
-    train(
-        *parse_arguments(
-            (ModelArguments, DataArguments, ViTTrainingArguments), train_argv(output, images, root / "cache", *flags)
-        )
-    )
+    one_saved_step = ["--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]
+    argv = train_argv(output, images, root / "cache", *one_saved_step)
+    train(*parse_arguments((ModelArguments, DataArguments, ViTTrainingArguments), argv))
     assert (output / "checkpoint-1" / "trainer_state.json").is_file() and (output / "model.safetensors").is_file()
     return output
 
@@ -235,8 +235,7 @@ def model_with_corrupt_config(ws: Workspace) -> Path:
 def transformers_vit(ws: Workspace) -> Path:
     """A transformers `ViTForImageClassification` (model_type 'vit'), weights and all: not this package's model."""
     folder = ws.user / "transformers-model"
-    kwargs = tiny_config_kwargs(num_labels=3)
-    ViTForImageClassification(ViTConfig(**kwargs)).save_pretrained(folder)
+    ViTForImageClassification(ViTConfig(**tiny_config_kwargs(num_labels=3))).save_pretrained(folder)
     return folder
 
 
@@ -263,7 +262,7 @@ def decompression_bomb(width: int = 12000, height: int = 12000) -> bytes:
     """A 1-bit black PNG of `width`x`height` pixels, more than `PIL.Image.MAX_IMAGE_PIXELS`, in a few KiB.
 
     144 million pixels is above PIL's limit, where it only warns, and below twice the limit, where it refuses: the
-    library must refuse it itself. Written chunk by chunk, so that no image of that size is ever held here.
+    library must refuse it itself. Written from its (18 MB of) rows, so that PIL never holds the image here.
     """
     assert width * height > Image.MAX_IMAGE_PIXELS
 
@@ -457,6 +456,22 @@ def test_a_mistake_at_the_terminal_is_one_clear_line(workspace, script, make_arg
     before = snapshot(workspace.user)
     result = run_script(script, argv)
     assert_one_clear_line(script, result.returncode, result.stderr, message, before, snapshot(workspace.user))
+
+
+def test_skip_bad_images_trains_without_them_and_names_each_one(workspace):
+    """`--skip_bad_images` turns the refusal of each bad image into a warning that names it, and the run goes on."""
+    bad = {"x.jpg": not_an_image(), "cut.jpg": truncated_jpeg(), "bomb.png": decompression_bomb()}
+    for name, content in bad.items():
+        images = workspace.images_with(name, content)
+    before = snapshot(images)
+    result = run_script("train.py", workspace.train_args("--skip_bad_images", "true", train_dir=images))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    warnings = [line for line in result.stderr.split("\n") if "skip" in line.lower()]
+    for name in bad:
+        assert any(name in line for line in warnings), f"no warning names {name}:\n{result.stderr[-4000:]}"
+    assert snapshot(images) == before
+    assert (workspace.user / RUN_NAME / "model.safetensors").is_file()
 
 
 def test_the_table_names_every_case_once():

@@ -540,18 +540,28 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
                 f"`pixel_values` must be a floating-point tensor, got {pixel_values.dtype}; "
                 "use the image processor to rescale and normalise images."
             )
-        _, num_channels, height, width = pixel_values.shape
-        # A NaN pixel would turn every output into NaN without a word. One sum finds any NaN or infinity (at a
-        # fifteenth of the cost of an element-wise check); the element-wise check then tells a real one from a sum
-        # that merely overflowed. CPU tensors only: on a GPU, reading the answer back waits for the queued kernels and
-        # cannot be captured in a CUDA graph, and `torch.compile` cannot trace it.
+        batch_size, num_channels, height, width = pixel_values.shape
+        # A meta model on meta inputs infers shapes; meta inputs to a model with weights are a mistake.
+        if pixel_values.device.type == "meta" and self.embeddings.position_embeddings.device.type != "meta":
+            raise ValueError("`pixel_values` is on the meta device and holds no data; pass real tensors.")
+        if batch_size == 0:
+            raise ValueError(f"`pixel_values` is an empty batch, shape {tuple(pixel_values.shape)}.")
+        # A NaN pixel, or one so large that the LayerNorms' squares overflow, would turn every output into NaN without
+        # a word. The 2-norm's sum of squares is non-finite exactly then, and is the cheapest full pass torch has
+        # (a quarter of a plain sum's time on a 2-core Xeon); the element-wise check then tells which it is. CPU
+        # tensors only: on a GPU, reading the answer back waits for the queued kernels and cannot be captured in a
+        # CUDA graph, and `torch.compile` cannot trace it.
         if (
             pixel_values.device.type == "cpu"
             and not torch.compiler.is_compiling()
-            and not torch.isfinite(pixel_values.sum(dtype=torch.float32))
-            and not torch.isfinite(pixel_values).all()
+            and not torch.isfinite(torch.linalg.vector_norm(pixel_values))
         ):
-            raise ValueError("`pixel_values` contains NaN or infinite values; check the images and their decoding.")
+            if not torch.isfinite(pixel_values).all():
+                raise ValueError("`pixel_values` contains NaN or infinite values; check the images and their decoding.")
+            raise ValueError(
+                f"`pixel_values` holds values up to {pixel_values.abs().max().item():.3g}, so large that the model's "
+                "float arithmetic overflows to NaN; images from the processor lie within a few units of 0."
+            )
         if num_channels != self.config.num_channels:
             raise ValueError(
                 f"`pixel_values` has {num_channels} channels but the model expects {self.config.num_channels} "
@@ -634,29 +644,37 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
         self.distillation_classifier = head() if config.distillation_token else None
         self.post_init()
 
-    def check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
-        """Name a label the loss cannot use, rather than failing inside `cross_entropy` or training on garbage.
+    def check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Name a label the loss cannot use, rather than failing inside `cross_entropy` or training on garbage; return
+        the labels, integer class indices as int64 (int32 and the other integer dtypes are accepted).
 
         Shapes are checked always (they cost nothing and trace into a graph). Class indices are checked on the CPU
         outside `torch.compile` only: elsewhere reading them back would wait for the device and break the graph, and
         `cross_entropy`'s own device-side assertion catches them there.
         """
+        if labels.dtype == torch.bool:
+            raise ValueError(
+                "`labels` of dtype torch.bool: class indices need an integer dtype (int64, single-label "
+                "classification), multi-hot targets a float dtype of shape (batch, num_labels) (multi-label)."
+            )
+        if not labels.is_floating_point():
+            labels = labels.long()
         if labels.is_floating_point():
             if self.num_labels > 1 and labels.shape != logits.shape:
                 raise ValueError(
                     f"Float `labels` are multi-hot targets and need shape {tuple(logits.shape)} (batch, num_labels), "
                     f"got {tuple(labels.shape)}; class indices must be an integer tensor."
                 )
-            return
+            return labels
         if self.num_labels == 1 or self.config.problem_type not in (None, "single_label_classification"):
-            return
+            return labels
         if labels.shape != logits.shape[:1]:
             raise ValueError(
                 f"`labels` must hold one class index per image, shape {tuple(logits.shape[:1])}, "
                 f"got {tuple(labels.shape)}."
             )
         if labels.device.type != "cpu" or torch.compiler.is_compiling():
-            return
+            return labels
         # -100 is the index that `cross_entropy` ignores.
         invalid = labels[(labels != -100) & ((labels < 0) | (labels >= self.num_labels))]
         if invalid.numel():
@@ -664,6 +682,7 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
                 f"`labels` must be class indices in [0, {self.num_labels}) (`config.num_labels`), got "
                 f"{sorted(set(invalid.tolist()))[:5]}."
             )
+        return labels
 
     @can_return_tuple
     def forward(
@@ -689,8 +708,13 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
             logits = (logits + self.distillation_classifier(outputs.last_hidden_state[:, 1])) / 2
         loss = None
         if labels is not None:
-            self.check_labels(labels, logits)
-            loss = self.loss_function(labels, logits, self.config)
+            labels = self.check_labels(labels, logits)
+            problem_type = self.config.problem_type  # the loss infers and stores it when unset
+            try:
+                loss = self.loss_function(labels, logits, self.config)
+            except Exception:
+                self.config.problem_type = problem_type  # a failed call leaves the model as it was
+                raise
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
