@@ -341,4 +341,4 @@ def test_pretraining_on_a_flat_folder_of_unlabeled_images(tmp_path):
     assert AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "out").config.num_channels == 3
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"`train_dir` '.*empty' contains no images"):
-        pretrain(*parse([*args, "--train_dir", str(tmp_path / "empty")]))
+        pretrain(*parse([*args, "--train_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out2")]))

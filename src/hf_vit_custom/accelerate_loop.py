@@ -48,7 +48,6 @@ from .persistence import (
     TrainingInterrupted,
     check_checkpoint_fits,
     check_output_folder,
-    check_output_folder_is_free,
     interrupted_message,
     newest_complete_checkpoint,
     prune_checkpoints,
@@ -252,12 +251,10 @@ def _set_up(
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
-        resuming = args.resume_from_checkpoint is not None
-        check_output_folder_is_free(output_dir, ACCELERATE_CHECKPOINTS, resuming, args.overwrite_output_dir)
         check_output_folder(output_dir, needed_bytes=0)  # writable; the room is checked once the model is known
     hub_repo_id = _create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     with accelerator.main_process_first():  # the main process fills the `datasets` cache, the others read it
-        prepared = prepare_data_and_model(model_args, data_args, args)
+        prepared = prepare_data_and_model(model_args, data_args, args, checkpoint_scheme=ACCELERATE_CHECKPOINTS)
     inputs = prepared.model_inputs(args.seed)
     eval_splits = [split for split in ("validation", "test") if split in inputs]
     model, optimizer, train_dataloader, *eval_dataloaders = accelerator.prepare(  # together: FSDP needs both

@@ -143,16 +143,30 @@ def load_image_folder(
         if folder is None:
             continue
         files, split_class_names = _scan_image_folder(folder, argument)
-        if split_class_names != class_names:
-            raise ValueError(
-                f"The classes of `{argument}` ({folder}) differ from those of `train_dir` ({train_dir}): "
-                f"missing {sorted(set(class_names) - set(split_class_names))}, "
-                f"extra {sorted(set(split_class_names) - set(class_names))}. Both need the same class sub-folders."
-            )
+        _check_classes_match(class_names, split_class_names, train_dir, folder, argument)
         dataset[split] = _load_image_files(files, cache_dir, skip_bad_images)
     if "validation" not in dataset:
         dataset["train"], dataset["validation"] = _hold_out(dataset["train"], validation_size, seed, LABEL_COLUMN)
     return datasets.DatasetDict({split: dataset[split] for split in SPLITS if split in dataset})
+
+
+def check_same_classes(train_dir: str | os.PathLike, validation_dir: str | os.PathLike) -> None:
+    """Raise the `ValueError` `load_image_folder` raises for differing class folders, from the listings alone (before
+    any image is read)."""
+    _, class_names = _scan_image_folder(train_dir, "train_dir")
+    _, validation_class_names = _scan_image_folder(validation_dir, "validation_dir")
+    _check_classes_match(class_names, validation_class_names, train_dir, validation_dir, "validation_dir")
+
+
+def _check_classes_match(
+    class_names: list[str], split_class_names: list[str], train_dir, folder, argument: str
+) -> None:
+    if split_class_names != class_names:
+        raise ValueError(
+            f"The classes of `{argument}` ({folder}) differ from those of `train_dir` ({train_dir}): "
+            f"missing {sorted(set(class_names) - set(split_class_names))}, "
+            f"extra {sorted(set(split_class_names) - set(class_names))}. Both need the same class sub-folders."
+        )
 
 
 def load_unlabeled_image_folder(

@@ -211,19 +211,24 @@ def check_output_folder_is_free(
         )
 
 
-def check_checkpoint_fits(checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
+def check_checkpoint_fits(
+    checkpoint: str | os.PathLike, model: torch.nn.Module, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
     """Raise a `ValueError` when the weights in `checkpoint` do not fit `model` (a checkpoint of another architecture
     in the output folder), before the loop's own loading fails with a size mismatch deep inside torch.
 
-    Reads the shapes from the safetensors header only. Checkpoints without a `model.safetensors` (FSDP's sharded
-    state) are left to the loop's loading.
+    Reads the shapes from the safetensors header only (`model` may live on the meta device); keys starting with
+    `ignore_prefixes` are not compared. Checkpoints without a `model.safetensors` (FSDP's sharded state) are left to
+    the loop's loading.
     """
     weights = Path(checkpoint) / "model.safetensors"
     if not weights.is_file():
         return
     with safe_open(weights, framework="pt") as file:
         saved = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
-    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    expected = {
+        key: tuple(tensor.shape) for key, tensor in model.state_dict().items() if not key.startswith(ignore_prefixes)
+    }
     wrong = [
         f"{key}: {saved[key]} saved, {shape} here" for key, shape in expected.items() if saved.get(key, shape) != shape
     ]

@@ -33,6 +33,7 @@ from .data import (
     ImageClassificationTransform,
     PerExampleSeededDataset,
     build_datasets,
+    check_same_classes,
     collate_fn,
     default_image_processor,
     label_maps,
@@ -41,6 +42,7 @@ from .hub import push_model_folder
 from .metrics import build_compute_metrics
 from .persistence import (
     TRAINER_CHECKPOINTS,
+    CheckpointScheme,
     TrainingInterrupted,
     check_checkpoint_fits,
     check_output_folder,
@@ -88,6 +90,15 @@ NO_DECAY_PARAMETERS = (
     "mask_token",
 )
 ATTENTION_MAPS_NAME = "attention_maps.png"
+# A model folder's weights, in the layouts `from_pretrained` reads (the index files of sharded ones included).
+WEIGHT_FILE_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Heads whose size follows the data's labels, so a checkpoint's may differ before the data is read.
+HEAD_PREFIXES = ("classifier.", "distillation_classifier.")
 # Config fields whose default is None, which `--config_overrides` parses as floats (or `none`).
 OPTIONAL_CONFIG_FIELDS = ("layer_scale_init_value",)
 
@@ -468,20 +479,55 @@ class PreparedData:
         return datasets
 
 
+def check_before_loading_data(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: ViTTrainingArguments,
+    auto_class: type,
+    checkpoint_scheme: CheckpointScheme,
+) -> None:
+    """Refuse what can be refused before the data loads, which takes long and prints progress: an output folder of
+    another run, the model's config (its source, `--config_overrides`) and weights, the checkpoint to resume (it must
+    exist and fit the model's encoder), and a validation folder whose classes differ from the training folder's.
+    """
+    if training_args.should_save:
+        resuming = training_args.resume_from_checkpoint is not None
+        check_output_folder_is_free(
+            training_args.output_dir, checkpoint_scheme, resuming, training_args.overwrite_output_dir
+        )
+    uses_default_data = data_args.dataset_name is None and data_args.train_dir is None
+    config = resolve_config(model_args, uses_default_data)
+    source = model_args.model_name_or_path
+    if source and os.path.isdir(source) and not any((Path(source) / name).is_file() for name in WEIGHT_FILE_NAMES):
+        raise OSError(f"The model folder {source!r} holds no weights (model.safetensors or pytorch_model.bin).")
+    checkpoint = resolve_resume_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir, checkpoint_scheme
+    )
+    if checkpoint is not None:
+        with torch.device("meta"):  # shapes only; the head's size waits for the data's labels
+            model = auto_class.from_config(config)
+        check_checkpoint_fits(checkpoint, model, ignore_prefixes=HEAD_PREFIXES)
+    if data_args.train_dir and data_args.validation_dir and os.path.isdir(data_args.train_dir):
+        check_same_classes(data_args.train_dir, data_args.validation_dir)
+
+
 def prepare_data_and_model(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: ViTTrainingArguments,
     auto_class: type = AutoModelForImageClassification,
     labeled: bool = True,
+    checkpoint_scheme: CheckpointScheme = TRAINER_CHECKPOINTS,
 ) -> PreparedData:
     """Load and validate the data, build the model for its labels, and the transforms: shared by both training loops
     and by pre-training (`auto_class` as in `build_model_and_processor`; `labeled=False` reads an image folder as
     unlabeled images, see `data.build_datasets`). A run on the CPU gets the model with `optimize_for_cpu` applied.
 
     Both loops feed the training split through `PreparedData.model_inputs`, which seeds every example's crop on its
-    own, so that a resumed run draws exactly the crops of an uninterrupted one.
+    own, so that a resumed run draws exactly the crops of an uninterrupted one. `check_before_loading_data` runs
+    first.
     """
+    check_before_loading_data(model_args, data_args, training_args, auto_class, checkpoint_scheme)
     splits = build_datasets(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,
@@ -524,10 +570,6 @@ def prepare_output_folder(model: PreTrainedModel, training_args: TrainingArgumen
     """Before `Trainer` is built (it creates the folder): check that the output folder can take the run's model and
     checkpoints, and clear away the half-written checkpoint a killed run may have left."""
     if training_args.should_save:
-        resuming = training_args.resume_from_checkpoint is not None
-        check_output_folder_is_free(
-            training_args.output_dir, TRAINER_CHECKPOINTS, resuming, training_args.overwrite_output_dir
-        )
         footprint = training_footprint(model.num_parameters(), training_args.save_total_limit)
         check_output_folder(training_args.output_dir, footprint)
         discard_incomplete_checkpoints(training_args.output_dir, TRAINER_CHECKPOINTS)

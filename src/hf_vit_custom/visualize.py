@@ -349,16 +349,16 @@ def load_model_and_processor(model_name_or_path: str | os.PathLike) -> tuple[Pre
     the model's size.
     """
     source = str(model_name_or_path)
-    # Not a folder, and no Hub id either (those are NAME or OWNER/NAME): say so, rather than the Hub client's
-    # "Repo id must be in the form ..." about what was meant as a path.
-    looks_like_path = (
-        source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-        or (source.count("/") == 1 and os.path.isdir(source.split("/")[0]))  # "outputs/run" with outputs/ here
-    )
-    if looks_like_path and not os.path.isdir(source):
-        raise OSError(f"No model folder at {source!r}: the path does not exist.")
-    config = AutoConfig.from_pretrained(model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:  # the Hub client's words, about what was likely meant as a path
+        if os.path.exists(source):
+            raise
+        reason = str(error).strip().splitlines()[0]
+        raise OSError(
+            f"No model folder at {source!r}: the path does not exist (nor could the Hub give a model of that name: "
+            f"{reason})"
+        ) from error
     is_classifier = any(name.endswith("ForImageClassification") for name in config.architectures or [])
     auto_class = AutoModelForImageClassification if is_classifier else AutoModel
     model = auto_class.from_pretrained(model_name_or_path)
