@@ -48,6 +48,7 @@ from .persistence import (
     TrainingInterrupted,
     check_checkpoint_fits,
     check_output_folder,
+    full_disk_error,
     interrupted_message,
     newest_complete_checkpoint,
     prune_checkpoints,
@@ -210,6 +211,7 @@ def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, 
     # Accelerate keeps its state process-wide and refuses a second Accelerator with, e.g., another precision: start
     # afresh (a Trainer that ran earlier in this process leaves its state behind) and clean up when done.
     _reset_accelerate_state()
+    run = None
     try:
         accelerator = Accelerator(
             cpu=args.use_cpu,
@@ -226,6 +228,13 @@ def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, 
         for epoch in range(run.progress.epoch, int(args.num_train_epochs)):
             _train_epoch(run, epoch)
         return _finish(run, data_args)
+    except (OSError, RuntimeError) as error:  # a checkpoint stopped by a full disk was dropped with its staging folder
+        if run is None:
+            raise
+        needed = training_footprint(sum(p.numel() for p in run.model.parameters()), args.save_total_limit)
+        if (full_disk := full_disk_error(error, args.output_dir, needed)) is None:
+            raise
+        raise full_disk from error
     except KeyboardInterrupt:
         # A checkpoint being written when Ctrl-C came was dropped with its staging folder; the others are complete.
         newest = newest_complete_checkpoint(args.output_dir, ACCELERATE_CHECKPOINTS)

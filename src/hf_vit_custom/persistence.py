@@ -17,6 +17,7 @@ every saved model for `trust_remote_code` and so must not import this package.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -75,6 +76,27 @@ def check_output_folder(output_dir: str | os.PathLike, needed_bytes: int) -> Non
             f"Only {free / 2**20:.1f} MiB free in {str(output_dir)!r}, but the model and its checkpoints need about "
             f"{needed_bytes / 2**20:.1f} MiB; free some space or choose another `--output_dir`."
         )
+
+
+# What a write stopped by a full disk raises: the OS's errors, and torch's zip writer's own words for them.
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+FULL_DISK_MESSAGES = ("unexpected pos", "file write failed", "No space left on device")
+
+
+def full_disk_error(error: BaseException, output_dir: str | os.PathLike, needed_bytes: int) -> OutputFolderError | None:
+    """An `OutputFolderError` naming the folder and the room the run needs when `error` is a write stopped by a full
+    disk (torch's save says only "enforce fail ... unexpected pos"), else `None`."""
+    if not (
+        (isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS)
+        or (isinstance(error, (OSError, RuntimeError)) and any(text in str(error) for text in FULL_DISK_MESSAGES))
+    ):
+        return None
+    free = shutil.disk_usage(output_dir).free if Path(output_dir).exists() else 0
+    return OutputFolderError(
+        f"The disk filled up while writing to {str(output_dir)!r}: the run needs about {needed_bytes / 2**20:.1f} MiB "
+        f"and {free / 2**20:.1f} MiB are free. The earlier checkpoints and model are intact; free some space and "
+        "continue with `--resume_from_checkpoint latest`."
+    )
 
 
 def training_footprint(num_parameters: int, checkpoints_kept: int | None) -> int:
@@ -291,6 +313,7 @@ __all__ = [
     "check_output_folder_is_free",
     "checkpoints",
     "discard_incomplete_checkpoints",
+    "full_disk_error",
     "interrupted_message",
     "is_complete_checkpoint",
     "newest_complete_checkpoint",

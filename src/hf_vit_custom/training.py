@@ -48,6 +48,7 @@ from .persistence import (
     check_output_folder,
     check_output_folder_is_free,
     discard_incomplete_checkpoints,
+    full_disk_error,
     interrupted_message,
     newest_complete_checkpoint,
     resolve_resume_checkpoint,
@@ -586,6 +587,13 @@ def run_trainer(trainer: Trainer, training_args: TrainingArguments):
         check_checkpoint_fits(checkpoint, trainer.model)
     try:
         return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except (OSError, RuntimeError) as error:
+        needed = training_footprint(trainer.model.num_parameters(), training_args.save_total_limit)
+        if (full_disk := full_disk_error(error, output_dir, needed)) is None:
+            raise
+        if training_args.should_save:
+            discard_incomplete_checkpoints(output_dir, TRAINER_CHECKPOINTS)
+        raise full_disk from error
     except KeyboardInterrupt:
         if training_args.should_save:
             discard_incomplete_checkpoints(output_dir, TRAINER_CHECKPOINTS)
