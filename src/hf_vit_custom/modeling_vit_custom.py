@@ -9,11 +9,11 @@ The forward passes follow the paper's equations:
 
 The tokens in front of the patches (`x_class` here) are the prefix tokens, `config.num_prefix_tokens` of them, as
 timm names them: the class token, DeiT's distillation token and register tokens, each optional. The later members of
-the family are knobs of the same equations, each built as `nn.Identity` when off so that no forward branches on
-them: layer scale on the residual branches (DeiT-III, DINOv2), qk-norm, a gated MLP (SwiGLU), a LayerNorm before the
-first layer (CLIP), the final LayerNorm after pooling instead of on every token (`fc_norm`), and attention pooling
-(SigLIP, timm's `map`). This file holds the paper and its knobs
-only: speed-ups for particular hardware live in `cpu_speed.py`, applied to a built model, never needed here. It is
+the family are knobs of the same equations, the optional modules built as `nn.Identity` when off so that the layers'
+forwards never branch on them: layer scale on the residual branches (DeiT-III, DINOv2), qk-norm, a gated MLP
+(SwiGLU), a LayerNorm before the first layer (CLIP), the final LayerNorm after pooling instead of on every token
+(`fc_norm`), and attention pooling (SigLIP, timm's `map`). This file holds the paper and its knobs only: speed-ups
+for particular hardware live in `cpu_speed.py`, applied to a built model, never needed here. It is
 self-contained apart from `configuration_vit_custom.py`, because `trust_remote_code` ships exactly those files (and
 `modeling_vit_custom_mae.py` with a masked-autoencoder folder).
 """
