@@ -533,42 +533,47 @@ def convert_to_transformers(
 # timm VisionTransformer
 # ---------------------------------------------------------------------------------------------------------------------
 
-# timm -> ours, a rename (applied in order): timm's `Attention` reshapes its fused qkv output to (batch, tokens, 3,
-# heads, head_dim), the same [q; k; v], heads-major row order as ours; `SwiGLUPacked` packs gate before up as ours;
-# `AttentionPoolLatent` has our attention pool's q / kv / proj / norm / mlp; every Linear / LayerNorm / Conv2d is laid
-# out as ours (timm/models/vision_transformer.py in huggingface/pytorch-image-models).
-TIMM_RENAMES = (
-    (r"^cls_token$", "embeddings.cls_token"),
-    (r"^dist_token$", "embeddings.distillation_token"),
-    (r"^reg_token$", "embeddings.register_tokens"),
-    (r"^pos_embed$", "embeddings.position_embeddings"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
-    (r"^norm_pre\.", "pre_layernorm."),
-    (r"^blocks\.(\d+)\.", r"layers.\1."),
-    (r"\.attn\.", ".attention."),
-    (r"\.ls([12])\.gamma$", r".layer_scale\1.gamma"),
-    (r"^norm\.", "layernorm."),
-    (r"^attn_pool\.latent$", "attention_pool.probe"),
-    (r"^attn_pool\.", "attention_pool."),
-    (r"^head\.", "classifier."),
-    (r"^head_dist\.", "distillation_classifier."),  # DeiT's distilled models (VisionTransformerDistilled)
+# timm's names and ours, one table for both directions (the first pair that fits wins; a name ending in "." is a
+# prefix). A rename only: timm's `Attention` reshapes its fused qkv output to (batch, tokens, 3, heads, head_dim), the
+# same [q; k; v], heads-major row order as ours; `SwiGLUPacked` packs gate before up as ours; `AttentionPoolLatent` has
+# our attention pool's q / kv / proj / norm / mlp; every Linear / LayerNorm / Conv2d is laid out as ours
+# (timm/models/vision_transformer.py in huggingface/pytorch-image-models).
+TIMM_NAMES = (
+    ("cls_token", "embeddings.cls_token"),
+    ("dist_token", "embeddings.distillation_token"),
+    ("reg_token", "embeddings.register_tokens"),
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.proj.", "embeddings.patch_embeddings.projection."),
+    ("norm_pre.", "pre_layernorm."),
+    ("blocks.", "layers."),
+    ("norm.", "layernorm."),
+    ("attn_pool.latent", "attention_pool.probe"),
+    ("attn_pool.", "attention_pool."),
+    ("head.", "classifier."),
+    ("head_dist.", "distillation_classifier."),  # DeiT's distilled models (VisionTransformerDistilled)
 )
-TIMM_TO_OURS_INVERSE = (  # ours -> timm, for `convert_to_timm`
-    (r"^embeddings\.cls_token$", "cls_token"),
-    (r"^embeddings\.distillation_token$", "dist_token"),
-    (r"^embeddings\.register_tokens$", "reg_token"),
-    (r"^embeddings\.position_embeddings$", "pos_embed"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^pre_layernorm\.", "norm_pre."),
-    (r"^layers\.(\d+)\.", r"blocks.\1."),
-    (r"\.attention\.", ".attn."),
-    (r"\.layer_scale([12])\.gamma$", r".ls\1.gamma"),
-    (r"^layernorm\.", "norm."),
-    (r"^attention_pool\.probe$", "attn_pool.latent"),
-    (r"^attention_pool\.", "attn_pool."),
-    (r"^classifier\.", "head."),
-    (r"^distillation_classifier\.", "head_dist."),
-)
+TIMM_LAYER_NAMES = (("attn.", "attention."), ("ls1.gamma", "layer_scale1.gamma"), ("ls2.gamma", "layer_scale2.gamma"))
+
+
+def translate_timm_key(key: str, to_ours: bool) -> str:
+    """One state-dict key from timm's names to ours (`to_ours`) or back, through `TIMM_NAMES` and, inside a layer,
+    `TIMM_LAYER_NAMES`."""
+
+    def translate(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
+        for timm_name, our_name in pairs:
+            source, target = (timm_name, our_name) if to_ours else (our_name, timm_name)
+            if name == source or (source.endswith(".") and name.startswith(source)):
+                return target + name[len(source) :]
+        return name
+
+    key = translate(key, TIMM_NAMES)
+    layers = "layers." if to_ours else "blocks."
+    if key.startswith(layers):
+        index, rest = key[len(layers) :].split(".", 1)
+        key = f"{layers}{index}.{translate(rest, TIMM_LAYER_NAMES)}"
+    return key
+
+
 # Options of timm's `VisionTransformer` that change the computation and that ViTCustom does not implement.
 TIMM_UNSUPPORTED = (
     (r"^patch_embed\.norm\.", "patch embedding norm"),
@@ -705,11 +710,7 @@ def convert_from_timm(
                 "learned position embeddings)."
             )
     hidden_size, num_channels, *patch_size = state_dict["patch_embed.proj.weight"].shape
-    tensors = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in TIMM_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        tensors[key] = value
+    tensors = {translate_timm_key(key, to_ours=True): value for key, value in state_dict.items()}
     # timm's split SwiGLU: gate first, as ours.
     missing = _fuse(tensors, ("mlp.fc1_g", "mlp.fc1_x"), "mlp.fc1")
     if "attention_pool.probe" in tensors and tensors["attention_pool.probe"].shape[1] != 1:
@@ -874,11 +875,9 @@ def convert_to_timm(
     }
     if config.patch_embedding_bias == config.pre_norm:
         raise ValueError("timm's patch projection has a bias exactly when there is no pre-norm (CLIP has neither).")
-    timm_state_dict = {}
-    for key, value in {**base, **head}.items():
-        for pattern, replacement in TIMM_TO_OURS_INVERSE:
-            key = re.sub(pattern, replacement, key)
-        timm_state_dict[key] = value.contiguous()
+    timm_state_dict = {
+        translate_timm_key(key, to_ours=False): value.contiguous() for key, value in {**base, **head}.items()
+    }
     num_classes = head["classifier.weight"].shape[0] if head else 0
     timm_pretrained_cfg = {"input_size": [config.num_channels, height, width], "num_classes": num_classes}
     timm_pretrained_cfg |= dict(pretrained_cfg or {})
