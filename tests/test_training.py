@@ -166,6 +166,19 @@ def test_training_on_the_cpu_uses_the_cpu_speed_ups(tmp_path):
     assert prepared.model.config._attn_implementation == CPU_SDPA
 
 
+def test_trainer_trains_a_family_model_from_config_overrides(tmp_path):
+    """DINOv2-style registers, SigLIP-style attention pooling, layer scale and SwiGLU through `--config_overrides`:
+    Trainer trains, evaluates and saves it, and the saved folder reloads through the Auto classes."""
+    family = "num_register_tokens=2,no_embed_class=true,pooling=map,layer_scale_init_value=1e-5,mlp_type=glu"
+    args = quick_args(tmp_path / "out")
+    args[args.index(TINY_OVERRIDES)] = f"{TINY_OVERRIDES},{family},hidden_act=silu"
+    metrics = train(*parse(args))
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_runtime"] > 0
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert model.config.num_prefix_tokens == 3 and model.config.pooling == "map"
+    assert model.config.layer_scale_init_value == 1e-5 and model.config.mlp_type == "glu"
+
+
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "model.safetensors")
 
