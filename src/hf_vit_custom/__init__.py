@@ -1,11 +1,12 @@
 """hf_vit_custom: the Vision Transformer as a first-class Hugging Face model.
 
 Importing the package registers it with the Auto classes, so `AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, `AutoModelForMaskedImageModeling`, `AutoImageProcessor` and `pipeline` resolve
-`model_type="vit_custom"`.
+`AutoModelForImageClassification`, `AutoModelForMaskedImageModeling`, `AutoBackbone`, `AutoImageProcessor` and
+`pipeline` resolve `model_type="vit_custom"`.
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -15,7 +16,12 @@ from transformers import (
 )
 
 from .configuration_vit_custom import MODEL_SIZES, ViTCustomConfig
-from .modeling_vit_custom import ViTCustomForImageClassification, ViTCustomModel, ViTCustomPreTrainedModel
+from .modeling_vit_custom import (
+    ViTCustomBackbone,
+    ViTCustomForImageClassification,
+    ViTCustomModel,
+    ViTCustomPreTrainedModel,
+)
 from .modeling_vit_custom_mae import ViTCustomForMaskedImageModeling
 
 __version__ = "0.1.0"
@@ -24,6 +30,7 @@ AutoConfig.register(ViTCustomConfig.model_type, ViTCustomConfig, exist_ok=True)
 AutoModel.register(ViTCustomConfig, ViTCustomModel, exist_ok=True)
 AutoModelForImageClassification.register(ViTCustomConfig, ViTCustomForImageClassification, exist_ok=True)
 AutoModelForMaskedImageModeling.register(ViTCustomConfig, ViTCustomForMaskedImageModeling, exist_ok=True)
+AutoBackbone.register(ViTCustomConfig, ViTCustomBackbone, exist_ok=True)
 # transformers' ViT processor does exactly our resizing and normalising; the PIL backend needs no torchvision.
 AutoImageProcessor.register(ViTCustomConfig, image_processor_classes={"pil": ViTImageProcessorPil}, exist_ok=True)
 
@@ -35,6 +42,7 @@ ViTCustomForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImage
 
 __all__ = [
     "MODEL_SIZES",
+    "ViTCustomBackbone",
     "ViTCustomConfig",
     "ViTCustomForImageClassification",
     "ViTCustomForMaskedImageModeling",

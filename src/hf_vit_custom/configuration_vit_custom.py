@@ -5,6 +5,7 @@ import re
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneConfigMixin
 
 # Width, depth, heads and MLP size of the paper's Table 1 plus DeiT's Tiny and Small.
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -62,7 +63,7 @@ def to_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
 
 
 @strict(accept_kwargs=True)
-class ViTCustomConfig(PreTrainedConfig):
+class ViTCustomConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`ViTCustomModel`]. The defaults give ViT-B/16 at 224x224.
 
@@ -120,6 +121,9 @@ class ViTCustomConfig(PreTrainedConfig):
         decoder_intermediate_size (`int`, defaults to 2048): hidden width of the MAE decoder's MLP.
         norm_pix_loss (`bool`, defaults to `True`): reconstruct each patch's pixels normalised by the patch's own
             mean and variance, which the paper finds gives better representations.
+        out_features (`list[str]`, *optional*) / out_indices (`list[int]`, *optional*): the stages a
+            [`ViTCustomBackbone`] returns as feature maps, as transformers' backbone API names them: `"stem"` (the
+            embeddings) and `"stage1"` ... `"stageN"` (the layers); the last stage by default.
 
     Example:
 
@@ -167,6 +171,8 @@ class ViTCustomConfig(PreTrainedConfig):
     decoder_num_attention_heads: int = 16
     decoder_intermediate_size: int = 2048
     norm_pix_loss: bool = True
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         # JSON turns tuples into lists; keep one spelling so that configs compare equal after a round trip.
@@ -174,13 +180,27 @@ class ViTCustomConfig(PreTrainedConfig):
             self.image_size = list(self.image_size)
         if not isinstance(self.patch_size, int):
             self.patch_size = list(self.patch_size)
+        self.stage_names = self.backbone_stage_names()
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
         super().__post_init__(**kwargs)
         # Check here too so that a bad value raises a plain `ValueError` at construction time; `validate()` runs
         # the same check again when the config is saved.
         self.validate_vit_values()
 
+    def backbone_stage_names(self) -> list[str]:
+        """The backbone API's stages: the embeddings (`"stem"`), then each layer."""
+        return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+
     def validate_vit_values(self):
         """Reject values the architecture cannot be built with, naming the field and the rule."""
+        if self.stage_names != self.backbone_stage_names():
+            # The depth changed after construction (`--config_overrides`, `update`): the default last stage follows
+            # it; stages the user chose are checked against the new depth.
+            chosen = None if self._out_features == [self.stage_names[-1]] else self._out_features
+            self.stage_names = self.backbone_stage_names()
+            self.set_output_features_output_indices(out_features=chosen, out_indices=None)
         for name in ("image_size", "patch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) and len(value) != 2:

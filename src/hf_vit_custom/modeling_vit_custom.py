@@ -32,8 +32,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -372,6 +373,16 @@ class ViTCustomAttentionPool(nn.Module):
         return pooled[:, 0]  # (batch, hidden)
 
 
+def encoder_layers(config: ViTCustomConfig) -> nn.ModuleList:
+    """The `num_hidden_layers` encoder layers, with stochastic depth growing linearly from 0 to `drop_path_rate`.
+
+    The rates are plain Python, not a tensor, so that the model can also be built on the meta device.
+    """
+    last_layer = max(config.num_hidden_layers - 1, 1)
+    rates = [config.drop_path_rate * index / last_layer for index in range(config.num_hidden_layers)]
+    return nn.ModuleList(ViTCustomEncoderLayer(config, rate) for rate in rates)
+
+
 class ViTCustomPreTrainedModel(PreTrainedModel):
     """Weight initialisation, backend support flags, saving and loading shared by every ViTCustom model."""
 
@@ -477,56 +488,6 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
             model.check_encoder_loaded(source, info)
         return model
 
-    def check_encoder_loaded(self, source: str, loading_info: dict) -> None:
-        """Raise an `OSError` when `from_pretrained`'s `loading_info` shows encoder weights missing from `source`."""
-        encoder_prefix = f"{self.base_model_prefix}."
-        # The attention pool is a head (SigLIP's name for it): a masked-autoencoder folder has none, and a classifier
-        # fine-tuned from it starts a new one.
-        missing = sorted(
-            key
-            for key in loading_info["missing_keys"]
-            if (key.startswith(encoder_prefix) or not hasattr(self, self.base_model_prefix))
-            and not key.removeprefix(encoder_prefix).startswith("attention_pool.")
-        )
-        if missing:
-            raise OSError(
-                f"The checkpoint {source!r} lacks {len(missing)} encoder weights (e.g. {missing[:3]}): it is "
-                "incomplete or belongs to another architecture, and loading it would leave them random."
-            )
-
-
-class ViTCustomModel(ViTCustomPreTrainedModel):
-    """The bare encoder: embeddings, `num_hidden_layers` encoder layers, the final LayerNorm (eq. 1-4) and the
-    pooler.
-
-    The final LayerNorm is `layernorm` on every token, or `fc_norm` on the pooled representation with
-    `config.fc_norm` (the other is `nn.Identity`), as timm names them.
-    """
-
-    def __init__(self, config: ViTCustomConfig, add_pooling_layer: bool = True):
-        super().__init__(config)
-        self.embeddings = ViTCustomEmbeddings(config)
-        # Stochastic depth grows linearly from 0 to `drop_path_rate` over the layers. Plain Python, not a tensor, so
-        # that the model can also be built on the meta device.
-        last_layer = max(config.num_hidden_layers - 1, 1)
-        drop_path_rates = [config.drop_path_rate * index / last_layer for index in range(config.num_hidden_layers)]
-
-        def layer_norm() -> nn.LayerNorm:
-            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-        self.pre_layernorm = layer_norm() if config.pre_norm else nn.Identity()
-        self.layers = nn.ModuleList(ViTCustomEncoderLayer(config, rate) for rate in drop_path_rates)
-        self.layernorm = layer_norm() if config.final_norm and not config.fc_norm else nn.Identity()
-        # Only attention pooling has parameters; a module for the others would hold none (and a module the forward
-        # does not use would trip DDP's unused-parameter check).
-        if config.pooling == "map" and add_pooling_layer:
-            self.attention_pool = ViTCustomAttentionPool(config)
-        self.fc_norm = layer_norm() if config.fc_norm else nn.Identity()
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
-
     def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None) -> None:
         """Turn a user mistake into a message that names it, rather than a shape error deep inside torch."""
         if pixel_values is None:
@@ -581,6 +542,52 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
                 f"Input size {height}x{width} does not match the model's {image_height}x{image_width} "
                 "(`config.image_size`); resize the images or pass `interpolate_pos_encoding=True`."
             )
+
+    def check_encoder_loaded(self, source: str, loading_info: dict) -> None:
+        """Raise an `OSError` when `from_pretrained`'s `loading_info` shows encoder weights missing from `source`."""
+        encoder_prefix = f"{self.base_model_prefix}."
+        # The attention pool is a head (SigLIP's name for it): a masked-autoencoder folder has none, and a classifier
+        # fine-tuned from it starts a new one.
+        missing = sorted(
+            key
+            for key in loading_info["missing_keys"]
+            if (key.startswith(encoder_prefix) or not hasattr(self, self.base_model_prefix))
+            and not key.removeprefix(encoder_prefix).startswith("attention_pool.")
+        )
+        if missing:
+            raise OSError(
+                f"The checkpoint {source!r} lacks {len(missing)} encoder weights (e.g. {missing[:3]}): it is "
+                "incomplete or belongs to another architecture, and loading it would leave them random."
+            )
+
+
+class ViTCustomModel(ViTCustomPreTrainedModel):
+    """The bare encoder: embeddings, `num_hidden_layers` encoder layers, the final LayerNorm (eq. 1-4) and the
+    pooler.
+
+    The final LayerNorm is `layernorm` on every token, or `fc_norm` on the pooled representation with
+    `config.fc_norm` (the other is `nn.Identity`), as timm names them.
+    """
+
+    def __init__(self, config: ViTCustomConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = ViTCustomEmbeddings(config)
+
+        def layer_norm() -> nn.LayerNorm:
+            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+        self.pre_layernorm = layer_norm() if config.pre_norm else nn.Identity()
+        self.layers = encoder_layers(config)
+        self.layernorm = layer_norm() if config.final_norm and not config.fc_norm else nn.Identity()
+        # Only attention pooling has parameters; a module for the others would hold none (and a module the forward
+        # does not use would trip DDP's unused-parameter check).
+        if config.pooling == "map" and add_pooling_layer:
+            self.attention_pool = ViTCustomAttentionPool(config)
+        self.fc_norm = layer_norm() if config.fc_norm else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
 
     def encode(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         """Eq. 2-4 over `(batch, tokens, hidden)` embeddings, whichever tokens they are (masked image modeling passes
@@ -720,7 +727,65 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
         )
 
 
+class ViTCustomBackbone(BackboneMixin, ViTCustomPreTrainedModel):
+    """The encoder as a backbone for dense prediction (transformers' backbone API, `AutoBackbone`): the token
+    features of the stages `config.out_features` (`"stem"`, `"stage1"` ... `"stageN"`), each through the final
+    LayerNorm, with the prefix tokens dropped and the patches laid out as `(batch, hidden, grid_height, grid_width)`.
+
+    The weights are the encoder's, so the folder of a classifier or encoder loads as a backbone. For the raw tokens
+    of every layer, prefix tokens included, call [`ViTCustomModel`] with `output_hidden_states=True`.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = ViTCustomEmbeddings(config)
+
+        def layer_norm() -> nn.LayerNorm:
+            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+        self.pre_layernorm = layer_norm() if config.pre_norm else nn.Identity()
+        self.layers = encoder_layers(config)
+        self.layernorm = layer_norm() if config.final_norm else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): images from the processor.
+            interpolate_pos_encoding (`bool`, *optional*): see [`ViTCustomModel.forward`].
+
+        Returns `feature_maps`, one `(batch, hidden, grid_height, grid_width)` tensor per stage of `out_features`.
+        """
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        hidden_states = self.pre_layernorm(self.embeddings(pixel_values))  # eq. 1: (batch, prefix + patches, hidden)
+        stages = [hidden_states]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)  # eq. 2-3
+            stages.append(hidden_states)
+        patch_height, patch_width = self.embeddings.patch_embeddings.patch_size
+        grid = (pixel_values.shape[2] // patch_height, pixel_values.shape[3] // patch_width)
+        feature_maps = []
+        for stage, tokens in zip(self.stage_names, stages, strict=True):
+            if stage in self.out_features:
+                patches = self.layernorm(tokens)[:, self.config.num_prefix_tokens :]  # (batch, patches, hidden)
+                # (batch, patches, hidden) -> (batch, hidden, grid_height, grid_width)
+                feature_maps.append(patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid))
+        return BackboneOutput(feature_maps=tuple(feature_maps), hidden_states=tuple(stages))
+
+
 __all__ = [
+    "ViTCustomBackbone",
     "ViTCustomForImageClassification",
     "ViTCustomModel",
     "ViTCustomPreTrainedModel",
