@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from pathlib import Path
@@ -13,12 +14,14 @@ import torch
 from conftest import make_image_folder
 from PIL import Image
 from transformers import CLIPImageProcessorPil
+from transformers.image_utils import load_image
 
 from hf_vit_custom.data import (
     ImageClassificationTransform,
     PerExampleSeededDataset,
     build_datasets,
     collate_fn,
+    convert_image,
     default_image_processor,
     encode_labels,
     label_maps,
@@ -532,3 +535,16 @@ def test_skip_bad_images_leaves_them_out_with_a_warning_naming_each(tmp_path, mo
     assert dataset["train"].num_rows + dataset["validation"].num_rows == 3 * 6  # the good images, all of them
     for path in bad:
         assert path.name in caplog.text
+
+
+def test_the_pipelines_image_loading_clips_16_bit_images_and_convert_image_rescales_them():
+    """What the README warns of: transformers' `load_image` (the pipeline's way in) turns a 16-bit image white;
+    `convert_image` scales it to 8 bits first."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(buffer, format="PNG")  # 0 ... 63,000
+    buffer.seek(0)
+    sixteen_bit = Image.open(buffer)
+    assert sixteen_bit.mode == "I;16"
+    assert (np.asarray(load_image(sixteen_bit))[..., 0] == 255).mean() > 0.9
+    rescaled = np.asarray(convert_image(sixteen_bit, "RGB"))[..., 0]
+    assert rescaled.max() < 255 and len(np.unique(rescaled)) == 64
