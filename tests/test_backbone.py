@@ -53,6 +53,19 @@ def test_feature_maps_drop_the_prefix_tokens_and_keep_the_grid(tmp_path):
     torch.testing.assert_close(maps[-1], patches.transpose(1, 2).reshape(2, 32, 6, 4), rtol=0, atol=0)
 
 
+def test_a_model_with_its_final_norm_after_pooling_loads_as_a_backbone(tmp_path):
+    """CLIP-style `fc_norm`: the final LayerNorm is saved as `fc_norm`, and the backbone applies it to each stage."""
+    torch.manual_seed(0)
+    classifier = ViTCustomForImageClassification(backbone_config(fc_norm=True)).eval()
+    classifier.save_pretrained(tmp_path)
+    backbone = ViTCustomBackbone.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens = classifier.vit(pixels).last_hidden_state  # not normalised: fc_norm waits for pooling
+        expected = classifier.vit.fc_norm(tokens[:, 1:]).transpose(1, 2).reshape(2, 32, 4, 4)
+        torch.testing.assert_close(backbone(pixels).feature_maps[-1], expected, rtol=0, atol=0)
+
+
 def test_hidden_states_on_request_hold_every_stage_with_the_prefix_tokens():
     backbone = ViTCustomBackbone(backbone_config(num_register_tokens=1)).eval()
     with torch.no_grad():

@@ -111,6 +111,10 @@ class ViTCustomPatchEmbeddings(nn.Module):
             bias=config.patch_embedding_bias,
         )
 
+    def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """Patches along height and width of `pixel_values` (pixels past the last full patch drop)."""
+        return pixel_values.shape[2] // self.patch_size[0], pixel_values.shape[3] // self.patch_size[1]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(batch, channels, height, width) -> (batch, patches, hidden); rows and columns past the last patch drop."""
         pixel_values = pixel_values.to(self.projection.weight.dtype)  # float32 images into a bf16 model
@@ -162,8 +166,7 @@ class ViTCustomEmbeddings(nn.Module):
 
         Kept apart so that masked image modeling can drop patch tokens after their positions are added.
         """
-        patch_height, patch_width = self.patch_embeddings.patch_size
-        grid = (pixel_values.shape[2] // patch_height, pixel_values.shape[3] // patch_width)
+        grid = self.patch_embeddings.grid(pixel_values)
         positions = self.interpolate_pos_encoding(*grid)  # (1, prefix positions + patches, hidden)
         patch_tokens = self.patch_embeddings(pixel_values) + positions[:, self.num_prefix_positions :]
         prefix = self.prefix_parameters()
@@ -543,6 +546,21 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
                 "(`config.image_size`); resize the images or pass `interpolate_pos_encoding=True`."
             )
 
+    def init_encoder(self, config: ViTCustomConfig) -> None:
+        """The encoder's modules, under the names its weights are saved with, for the bare encoder and the backbone
+        alike: embeddings, the optional pre-norm, the layers, and the final LayerNorm as `layernorm` on every token
+        or, with `config.fc_norm`, as `fc_norm` after pooling (the other is `nn.Identity`; both without
+        `final_norm`)."""
+
+        def layer_norm() -> nn.LayerNorm:
+            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+        self.embeddings = ViTCustomEmbeddings(config)
+        self.pre_layernorm = layer_norm() if config.pre_norm else nn.Identity()
+        self.layers = encoder_layers(config)
+        self.layernorm = layer_norm() if config.final_norm and not config.fc_norm else nn.Identity()
+        self.fc_norm = layer_norm() if config.fc_norm else nn.Identity()
+
     def check_encoder_loaded(self, source: str, loading_info: dict) -> None:
         """Raise an `OSError` when `from_pretrained`'s `loading_info` shows encoder weights missing from `source`."""
         encoder_prefix = f"{self.base_model_prefix}."
@@ -571,19 +589,11 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
 
     def __init__(self, config: ViTCustomConfig, add_pooling_layer: bool = True):
         super().__init__(config)
-        self.embeddings = ViTCustomEmbeddings(config)
-
-        def layer_norm() -> nn.LayerNorm:
-            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-        self.pre_layernorm = layer_norm() if config.pre_norm else nn.Identity()
-        self.layers = encoder_layers(config)
-        self.layernorm = layer_norm() if config.final_norm and not config.fc_norm else nn.Identity()
+        self.init_encoder(config)
         # Only attention pooling has parameters; a module for the others would hold none (and a module the forward
         # does not use would trip DDP's unused-parameter check).
         if config.pooling == "map" and add_pooling_layer:
             self.attention_pool = ViTCustomAttentionPool(config)
-        self.fc_norm = layer_norm() if config.fc_norm else nn.Identity()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -739,14 +749,7 @@ class ViTCustomBackbone(BackboneMixin, ViTCustomPreTrainedModel):
     def __init__(self, config: ViTCustomConfig):
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
-        self.embeddings = ViTCustomEmbeddings(config)
-
-        def layer_norm() -> nn.LayerNorm:
-            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-        self.pre_layernorm = layer_norm() if config.pre_norm else nn.Identity()
-        self.layers = encoder_layers(config)
-        self.layernorm = layer_norm() if config.final_norm else nn.Identity()
+        self.init_encoder(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -773,12 +776,12 @@ class ViTCustomBackbone(BackboneMixin, ViTCustomPreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)  # eq. 2-3
             stages.append(hidden_states)
-        patch_height, patch_width = self.embeddings.patch_embeddings.patch_size
-        grid = (pixel_values.shape[2] // patch_height, pixel_values.shape[3] // patch_width)
+        grid = self.embeddings.patch_embeddings.grid(pixel_values)
         feature_maps = []
         for stage, tokens in zip(self.stage_names, stages, strict=True):
             if stage in self.out_features:
-                patches = self.layernorm(tokens)[:, self.config.num_prefix_tokens :]  # (batch, patches, hidden)
+                final_norm = self.fc_norm(self.layernorm(tokens))  # the one final LayerNorm, wherever the model has it
+                patches = final_norm[:, self.config.num_prefix_tokens :]  # (batch, patches, hidden)
                 # (batch, patches, hidden) -> (batch, hidden, grid_height, grid_width)
                 feature_maps.append(patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid))
         return BackboneOutput(feature_maps=tuple(feature_maps), hidden_states=tuple(stages))

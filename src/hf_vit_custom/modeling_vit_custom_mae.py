@@ -241,8 +241,7 @@ class ViTCustomForMaskedImageModeling(ViTCustomPreTrainedModel):
         """
         self.vit.check_pixel_values(pixel_values, interpolate_pos_encoding)
         embeddings = self.vit.embeddings
-        patch_height, patch_width = embeddings.patch_embeddings.patch_size
-        grid_size = (pixel_values.shape[2] // patch_height, pixel_values.shape[3] // patch_width)
+        grid_size = embeddings.patch_embeddings.grid(pixel_values)
 
         # Eq. 1 on the visible patches only; positions are added before masking, so each kept token keeps its place.
         prefix_tokens, patch_tokens = embeddings.prefix_and_patch_tokens(pixel_values)
