@@ -339,6 +339,14 @@ def test_pretraining_on_a_flat_folder_of_unlabeled_images(tmp_path):
     assert 0 < metrics["eval_loss"] < 10 and metrics["train_runtime"] > 0
     assert "test_loss" not in metrics  # an unlabeled folder has no test split
     assert AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "out").config.num_channels == 3
+    # A flat validation folder of its own: no classes to compare with the training folder's.
+    (tmp_path / "validation").mkdir()
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)).save(
+            tmp_path / "validation" / f"{index}.png"
+        )
+    with_validation = [*args, "--validation_dir", str(tmp_path / "validation"), "--output_dir", str(tmp_path / "out3")]
+    assert 0 < pretrain(*parse(with_validation))["eval_loss"] < 10
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"`train_dir` '.*empty' contains no images"):
         pretrain(*parse([*args, "--train_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out2")]))

@@ -486,10 +486,12 @@ def check_before_loading_data(
     training_args: ViTTrainingArguments,
     auto_class: type,
     checkpoint_scheme: CheckpointScheme,
+    labeled: bool = True,
 ) -> None:
     """Refuse what can be refused before the data loads, which takes long and prints progress: an output folder of
     another run, the model's config (its source, `--config_overrides`) and weights, the checkpoint to resume (it must
-    exist and fit the model's encoder), and a validation folder whose classes differ from the training folder's.
+    exist and fit the model's encoder), and a validation folder whose classes differ from the training folder's
+    (`labeled` folders only: unlabeled ones have no classes).
     """
     if training_args.should_save:
         resuming = training_args.resume_from_checkpoint is not None
@@ -508,7 +510,7 @@ def check_before_loading_data(
         with torch.device("meta"):  # shapes only; the head's size waits for the data's labels
             model = auto_class.from_config(config)
         check_checkpoint_fits(checkpoint, model, ignore_prefixes=HEAD_PREFIXES)
-    if data_args.train_dir and data_args.validation_dir and os.path.isdir(data_args.train_dir):
+    if labeled and data_args.train_dir and data_args.validation_dir and os.path.isdir(data_args.train_dir):
         check_same_classes(data_args.train_dir, data_args.validation_dir)
 
 
@@ -528,7 +530,7 @@ def prepare_data_and_model(
     own, so that a resumed run draws exactly the crops of an uninterrupted one. `check_before_loading_data` runs
     first.
     """
-    check_before_loading_data(model_args, data_args, training_args, auto_class, checkpoint_scheme)
+    check_before_loading_data(model_args, data_args, training_args, auto_class, checkpoint_scheme, labeled)
     splits = build_datasets(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,
