@@ -31,16 +31,16 @@ import hf_vit_custom  # noqa: F401  (registers the Auto classes)
 from hf_vit_custom.cli import raise_usage_errors, run
 from hf_vit_custom.configuration_vit_custom import to_pair
 from hf_vit_custom.conversion import (
-    TRANSFORMERS_FAMILIES,
-    TRANSFORMERS_VISION_TOWERS,
     build_model,
     convert_from_jax,
     convert_from_timm,
     convert_from_transformers,
     convert_to_timm,
     resize_state_dict,
+    transformers_family,
 )
 from hf_vit_custom.persistence import write_folder_atomically
+from hf_vit_custom.visualize import load_saved_model
 
 logger = logging.getLogger("convert_checkpoint")
 
@@ -120,12 +120,7 @@ def load_transformers(path: Path):
     Refuses a checkpoint that lacks weights its model needs: transformers would initialise them randomly.
     """
     source_config = AutoConfig.from_pretrained(path)
-    model_type = TRANSFORMERS_VISION_TOWERS.get(source_config.model_type, source_config.model_type)
-    if model_type not in TRANSFORMERS_FAMILIES:
-        raise ValueError(
-            f"{path} is a transformers {source_config.model_type!r} model; supported: "
-            f"{sorted([*TRANSFORMERS_FAMILIES, *TRANSFORMERS_VISION_TOWERS])}."
-        )
+    transformers_family({"model_type": source_config.model_type})  # refuses an unsupported one before loading
     architecture = (source_config.architectures or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
     model, info = (model_class or AutoModel).from_pretrained(path, output_loading_info=True)
@@ -196,7 +191,7 @@ def convert(args: argparse.Namespace):
         config, state_dict = convert_from_jax(load_npz(path), include_head=not args.no_head)
         processor = vit_processor(config, image_mean=IMAGENET_INCEPTION, image_std=IMAGENET_INCEPTION)
     else:
-        model = hf_vit_custom_model(path)
+        model = load_saved_model(path)
         config, state_dict = model.config, model.state_dict()
         processor = AutoImageProcessor.from_pretrained(path) if (path / "preprocessor_config.json").exists() else None
     if args.image_size:
@@ -204,15 +199,6 @@ def convert(args: argparse.Namespace):
         if processor is not None:
             resize_processor(processor, to_pair(config.image_size))
     return config, state_dict, processor
-
-
-def hf_vit_custom_model(path: Path):
-    """A vit_custom folder as the class that saved it (classifier or encoder)."""
-    from transformers import AutoModelForImageClassification
-
-    architectures = AutoConfig.from_pretrained(path).architectures or []
-    auto_class = AutoModelForImageClassification if "ViTCustomForImageClassification" in architectures else AutoModel
-    return auto_class.from_pretrained(path)
 
 
 def processor_as_pretrained_cfg(processor) -> dict:

@@ -326,7 +326,9 @@ def _transformers_config_dict(source_config: Any) -> dict[str, Any]:
     return source
 
 
-def _transformers_family(source: dict[str, Any]) -> tuple[str, TransformersFamily]:
+def transformers_family(source: dict[str, Any]) -> tuple[str, TransformersFamily]:
+    """The supported family of a transformers config dict (a full SigLIP / CLIP config: its vision tower's), or a
+    `ValueError` naming the `model_type` and the supported ones."""
     model_type = source.get("model_type") or "vit"
     model_type = TRANSFORMERS_VISION_TOWERS.get(model_type, model_type)
     if model_type not in TRANSFORMERS_FAMILIES:
@@ -345,7 +347,7 @@ def config_from_transformers(source_config: Any, num_labels: int | None = None, 
     `id2label` when it has that many entries. `pooling` overrides the family's (a task head's own pooling).
     """
     source = _transformers_config_dict(source_config)
-    _, family = _transformers_family(source)
+    _, family = transformers_family(source)
     kwargs = {name: source[name] for name in SHARED_CONFIG_FIELDS if name in source}
     if "attention_dropout" in source:  # SigLIP and CLIP's name
         kwargs["attention_probs_dropout_prob"] = source["attention_dropout"]
@@ -390,7 +392,7 @@ def convert_from_transformers(
     if pooler not in ("drop", "error"):
         raise ValueError(f"`pooler` must be 'drop' or 'error', got {pooler!r}.")
     source = _transformers_config_dict(source_config)
-    model_type, family = _transformers_family(source)
+    model_type, family = transformers_family(source)
     source_name = f"transformers {model_type}"
     renamed = {}
     for key, value in state_dict.items():

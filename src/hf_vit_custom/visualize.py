@@ -341,12 +341,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
-def load_model_and_processor(model_name_or_path: str | os.PathLike) -> tuple[PreTrainedModel, BaseImageProcessor]:
-    """Load a saved model as what it was saved as (classifier or bare encoder), and its image processor.
+def load_saved_model(model_name_or_path: str | os.PathLike) -> PreTrainedModel:
+    """Load a saved model as what it was saved as (classifier or bare encoder).
 
     Loading an encoder checkpoint as a classifier would bolt on a random head and show meaningless predictions, so
-    the Auto class follows the checkpoint's `architectures`. A folder without a processor gets the default one for
-    the model's size.
+    the Auto class follows the checkpoint's `architectures`. A path that does not exist gets an `OSError` saying so.
     """
     source = str(model_name_or_path)
     try:
@@ -361,7 +360,14 @@ def load_model_and_processor(model_name_or_path: str | os.PathLike) -> tuple[Pre
         ) from error
     is_classifier = any(name.endswith("ForImageClassification") for name in config.architectures or [])
     auto_class = AutoModelForImageClassification if is_classifier else AutoModel
-    model = auto_class.from_pretrained(model_name_or_path)
+    return auto_class.from_pretrained(model_name_or_path)
+
+
+def load_model_and_processor(model_name_or_path: str | os.PathLike) -> tuple[PreTrainedModel, BaseImageProcessor]:
+    """`load_saved_model` and the folder's image processor; a folder without one gets the default for the model's
+    size."""
+    model = load_saved_model(model_name_or_path)
+    config = model.config
     try:
         image_processor = AutoImageProcessor.from_pretrained(model_name_or_path)
     except OSError:
