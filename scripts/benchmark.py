@@ -77,7 +77,7 @@ def main(args: list[str] | None = None) -> dict:
         "backends": options.backends,
         "include_transformers": not options.no_transformers,
         "gradient_checkpointing": options.gradient_checkpointing,
-        "cpu_optimized": options.device == "cpu",
+        "cpu_paths": options.device == "cpu",
     }
     contenders = select_contenders(build_contenders(config, **contender_options), options.contenders)
     report = run_benchmark(

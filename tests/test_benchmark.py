@@ -8,6 +8,7 @@ from conftest import REPO, tiny_config_kwargs
 
 from hf_vit_custom import ViTCustomConfig
 from hf_vit_custom.benchmark import (
+    Contender,
     build_contenders,
     count_graph_breaks,
     cpu_training_step_memory_mb,
@@ -21,6 +22,7 @@ from hf_vit_custom.benchmark import (
     vit_forward_flops,
 )
 from hf_vit_custom.cli import run
+from hf_vit_custom.cpu_speed import ONEDNN_BF16_LINEAR
 
 
 def test_forward_flops_match_a_hand_count():
@@ -48,6 +50,52 @@ def test_run_benchmark_measures_every_contender_and_compares_to_transformers():
     table = markdown_table(report)
     assert "| transformers-sdpa |" in table and "| 1.00x | 1.00x |" in table
     assert table.count("\n| hf_vit_custom-") == 2
+
+
+def test_cpu_paths_add_the_speed_ups_bf16_where_native_and_onnxruntime():
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    names = [c.name for c in build_contenders(config, ["sdpa"], include_transformers=False, cpu_paths=True)]
+    bf16 = ["hf_vit_custom-cpu-bf16"] if ONEDNN_BF16_LINEAR else []
+    assert names == ["hf_vit_custom-sdpa", "hf_vit_custom-cpu", *bf16, "onnxruntime", "onnxruntime-int8"]
+
+
+def test_onnxruntime_runs_the_same_weights_for_inference_only():
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    contenders = build_contenders(config, ["sdpa"], include_transformers=False, include_timm=False, cpu_paths=True)
+    ours, onnxruntime, int8 = select_contenders(contenders, ["hf_vit_custom-sdpa", "onnxruntime", "onnxruntime-int8"])
+    pixels = torch.randn(3, 3, 16, 16)
+    torch.manual_seed(0)  # as the runner seeds every build
+    with torch.no_grad():
+        expected = ours.build().eval()(pixels).logits
+    torch.manual_seed(0)
+    torch.testing.assert_close(onnxruntime.logits(onnxruntime.build(), pixels), expected, atol=1e-4, rtol=0)
+    assert int8.logits(int8.build(), pixels).shape == expected.shape
+
+    report = run_benchmark(config, [ours, onnxruntime, int8], batch_size=2, rounds=1, warmup=0)
+    rows = {row["name"]: row for row in report["results"]}
+    assert (rows["onnxruntime"]["dtype"], rows["onnxruntime-int8"]["dtype"]) == ("fp32", "int8")
+    for name in ("onnxruntime", "onnxruntime-int8"):
+        assert rows[name]["inference_images_per_s"] > 0
+        assert rows[name]["training_images_per_s"] is rows[name]["training_flops_share"] is None
+    assert rows["onnxruntime"]["inference_flops_share"] > 0
+    assert rows["onnxruntime-int8"]["inference_flops_share"] is None  # no int8 ceiling is measured
+    assert rows["hf_vit_custom-sdpa"]["training_images_per_s"] > 0
+    assert set(report["matmul_flops_per_second_by_dtype"]) == {"fp32"}
+    table = markdown_table(report)
+    assert "| onnxruntime | fp32 |" in table and "| onnxruntime-int8 | int8 |" in table
+    assert table.count("| - | - | - | - | - |") == 2  # no training figures, speed-ups or memory
+
+
+def test_a_contender_with_its_own_dtype_runs_and_is_measured_in_it():
+    """A bf16 contender in an fp32 run: timed under bf16 autocast, its share taken of the bf16 matmul ceiling."""
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    (plain,) = build_contenders(config, ["sdpa"], include_transformers=False, include_timm=False)
+    bf16 = Contender("hf_vit_custom-sdpa-bf16", plain.build, plain.logits, dtype="bf16")
+    report = run_benchmark(config, [plain, bf16], batch_size=2, rounds=1, warmup=0)
+    assert [row["dtype"] for row in report["results"]] == ["fp32", "bf16"]
+    assert set(report["matmul_flops_per_second_by_dtype"]) == {"fp32", "bf16"}
+    assert report["matmul_flops_per_second"] == report["matmul_flops_per_second_by_dtype"]["fp32"]
+    assert "(bf16)" in markdown_table(report)
 
 
 def test_every_contender_runs_the_backend_it_is_named_after():

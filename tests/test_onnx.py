@@ -77,3 +77,32 @@ def test_an_existing_output_is_kept_unless_overwrite(exported, script):
     assert (root / "onnx" / "model.onnx").read_bytes() == before
     with pytest.raises(OSError, match=r"No model\.onnx"):
         OnnxImageClassifier(root / "model")
+
+
+def test_int8_quantisation_writes_a_second_graph_that_classifies(exported, script):
+    """The int8 graph's structure and interface; the accuracy it keeps is checked on the trained main-job model
+    (tests/test_training.py), since a random model's input-dependent signal is below int8's resolution."""
+    import onnx
+
+    _, root = exported
+    script.main([str(root / "model"), "--out", str(root / "int8"), "--int8"])
+    fp32_graph, int8_graph = onnx.load(root / "int8" / "model.onnx"), onnx.load(root / "int8" / "model_int8.onnx")
+    weights = {initializer.name for initializer in fp32_graph.graph.initializer}
+    weight_matmuls = [  # the linear layers; the attention's own products (activations by activations) stay float
+        node for node in fp32_graph.graph.node if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights
+    ]
+    int8_ops = [node.op_type for node in int8_graph.graph.node]
+    assert int8_ops.count("MatMulInteger") == len(weight_matmuls) > 0
+    int8_weights = [i for i in int8_graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= len(weight_matmuls)
+    pixels = torch.randn(4, 3, 16, 16)
+    int8 = OnnxImageClassifier(root / "int8", threads=1, int8=True)
+    (logits,) = int8.session.run(["logits"], {"pixel_values": pixels.numpy()})
+    assert logits.shape == (4, 3) and np.isfinite(logits).all()
+    images = [Image.fromarray(np.full((16, 16, 3), 128, dtype=np.uint8))]
+    (top,) = int8(images, top_k=3)
+    assert sorted(row["label"] for row in top) == ["cat", "dog", "fox"]
+    scores = [row["score"] for row in top]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
+    with pytest.raises(OSError, match=r"No model_int8\.onnx .* with --int8"):
+        OnnxImageClassifier(root / "onnx", int8=True)

@@ -6,15 +6,17 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_OVERRIDES, make_image_folder, run_bounded, small_run_args, tiny_config_kwargs
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoModelForImageClassification, HfArgumentParser, ViTImageProcessorPil
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
 from hf_vit_custom.cpu_speed import CPU_SDPA
+from hf_vit_custom.data import load_digits_dataset
 from hf_vit_custom.training import (
     DataArguments,
     ModelArguments,
@@ -313,7 +315,8 @@ def test_bad_dataset_column_stops_before_training(tmp_path):
 
 
 def test_main_job_reaches_the_accuracy_bar_with_default_arguments(tmp_path):
-    """The README's first command: default digits run, saved, reloaded through the Auto classes and `pipeline`."""
+    """The README's first command: default digits run, saved, reloaded through the Auto classes and `pipeline`; its
+    int8 ONNX export keeps the accuracy."""
     result = run_script(["--output_dir", str(tmp_path), "--report_to", "none", "--disable_tqdm", "true"], timeout=600)
     results = json.loads((tmp_path / "all_results.json").read_text())
     assert results["test_accuracy"] >= 0.97
@@ -321,6 +324,21 @@ def test_main_job_reaches_the_accuracy_bar_with_default_arguments(tmp_path):
     prediction_lines = [line for line in result.splitlines() if line.strip().startswith("predicted")]
     assert len(prediction_lines) == 8
     assert sum(line.split()[1] == line.split()[3] for line in prediction_lines) >= 6
+
+    # Its int8 ONNX export keeps the accuracy (the test split of the same seeded split).
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from hf_vit_custom.onnx_export import OnnxImageClassifier, export_onnx
+
+    model = AutoModelForImageClassification.from_pretrained(tmp_path)
+    export_onnx(model, ViTImageProcessorPil.from_pretrained(tmp_path), tmp_path / "onnx", int8=True)
+    test_split = load_digits_dataset()["test"]
+    labels = np.array(test_split["label"])
+    predictions = {
+        int8: OnnxImageClassifier(tmp_path / "onnx", threads=1, int8=int8).logits(list(test_split["image"])).argmax(1)
+        for int8 in (False, True)
+    }
+    assert np.mean(predictions[False] == labels) == pytest.approx(results["test_accuracy"])
+    assert np.mean(predictions[True] == labels) >= results["test_accuracy"] - 0.01
 
 
 def test_early_stopping_ends_training_when_accuracy_stops_improving(tmp_path):

@@ -1,6 +1,8 @@
 """Side-by-side throughput of this package's ViT against transformers' ViT (and timm's, when it imports).
 
-Every contender gets the same architecture, batch, dtype and random weights. Rounds are interleaved
+On the CPU the deployment paths join them: the CPU speed-ups in bf16 autocast, and onnxruntime (fp32 and dynamic
+int8) on this package's ONNX export. Every contender gets the same architecture, batch and random weights, and the
+run's dtype unless it is named after its own. Rounds are interleaved
 (A B C A B C ...) after a warm-up and medians are reported, so that a noisy, shared machine slows every contender alike;
 figures are only comparable inside one run. A large matmul timed in the same run gives the practical FLOP/s ceiling.
 """
@@ -14,6 +16,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,26 +27,41 @@ from torch import nn
 
 from .configuration_vit_custom import ViTCustomConfig, to_pair
 from .conversion import config_to_transformers
-from .cpu_speed import optimize_for_cpu
+from .cpu_speed import ONEDNN_BF16_LINEAR, optimize_for_cpu
 from .modeling_vit_custom import ViTCustomForImageClassification
+from .onnx_export import ONNX_FILE, cpu_session, quantize_int8, write_onnx_graph
+
+# A contender's dtype -> the autocast dtype it runs under; "int8" is an inference runtime's own quantised arithmetic.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": None}
+# The dtypes whose large-matmul ceiling a run measures; an int8 contender's share of a float ceiling would mislead.
+CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Contender:
-    """A named model factory; `build()` returns a fresh classifier taking `pixel_values` and returning logits."""
+    """A named model factory; `build()` returns a fresh classifier taking `pixel_values` and returning logits.
+
+    `dtype` fixes the contender's precision ("fp32", "bf16" for autocast, "int8" for a quantised runtime; None takes
+    the run's). `trains=False`
+    marks an inference runtime (onnxruntime): timed for inference only, never compiled.
+    """
 
     name: str
     build: Callable[[], nn.Module]
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    dtype: str | None = None
+    trains: bool = True
 
 
 @dataclass
 class Measurement:
     name: str
+    dtype: str
     inference_images_per_s: float
-    training_images_per_s: float
-    inference_flops_share: float  # achieved FLOP/s over the same run's large-matmul FLOP/s
-    training_flops_share: float
+    training_images_per_s: float | None  # None for an inference runtime
+    # Achieved FLOP/s over the same run's large-matmul FLOP/s in the contender's dtype (None for int8)
+    inference_flops_share: float | None
+    training_flops_share: float | None
     # CUDA: torch.cuda.max_memory_allocated; CPU: growth of the resident set during one step (`--cpu_memory`)
     peak_training_memory_mb: float | None
     # Median over rounds of the reference's time over this contender's in the same round (None without a reference):
@@ -89,20 +107,54 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class OnnxRuntimeModel(nn.Module):
+    """An onnxruntime session called as a module, so that the runner times it as it times the PyTorch models."""
+
+    def __init__(self, session, keep_alive=None):
+        super().__init__()
+        self.session = session
+        self.keep_alive = keep_alive  # the temporary folder holding the graph
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(["logits"], {"pixel_values": pixel_values.numpy()})
+        return torch.from_numpy(logits)
+
+
+def onnxruntime_contenders(build_model: Callable[[], nn.Module]) -> list[Contender]:
+    """`onnxruntime` and `onnxruntime-int8`: the model `build_model` makes, exported once, run on onnxruntime's CPU
+    kernels with the run's thread count (fp32, and `quantize_int8`'s dynamic quantisation of that graph)."""
+    folder = tempfile.TemporaryDirectory(prefix="benchmark-onnx-")
+    graph = Path(folder.name) / ONNX_FILE
+
+    def session(int8: bool) -> nn.Module:
+        if not graph.exists():
+            write_onnx_graph(build_model(), graph)
+        path = graph.with_name("model_int8.onnx") if int8 else graph
+        if int8 and not path.exists():
+            quantize_int8(graph, path)
+        return OnnxRuntimeModel(cpu_session(path, torch.get_num_threads()), keep_alive=folder)
+
+    return [
+        Contender(name, lambda int8=int8: session(int8), lambda model, pixels: model(pixels), dtype, trains=False)
+        for name, int8, dtype in (("onnxruntime", False, "fp32"), ("onnxruntime-int8", True, "int8"))
+    ]
+
+
 def build_contenders(
     config: ViTCustomConfig,
     backends: list[str],
     include_transformers: bool = True,
     include_timm: bool = True,
     gradient_checkpointing: bool = False,
-    cpu_optimized: bool = False,
+    cpu_paths: bool = False,
 ) -> list[Contender]:
     """This package with each attention backend, transformers' ViT (sdpa, eager), and timm when it imports.
 
-    `gradient_checkpointing` adds this package's first backend with activation checkpointing on; `cpu_optimized` adds
-    `hf_vit_custom-cpu`, the SDPA model with `cpu_speed.optimize_for_cpu` applied. Each model gets its
-    own copy of the configuration: `_from_config` records the backend on the configuration it is given, so models
-    sharing one would all run the backend of the last one built.
+    `gradient_checkpointing` adds this package's first backend with activation checkpointing on. `cpu_paths` adds the
+    CPU deployment paths: `hf_vit_custom-cpu`, the SDPA model with `cpu_speed.optimize_for_cpu` applied, the same in
+    bf16 autocast where the CPU has native bf16 (`hf_vit_custom-cpu-bf16`), and, when onnxruntime imports,
+    `onnxruntime_contenders`. Each model gets its own copy of the configuration: `_from_config` records the backend
+    on the configuration it is given, so models sharing one would all run the backend of the last one built.
     """
 
     def ours(backend: str, checkpointing: bool = False) -> nn.Module:
@@ -115,10 +167,17 @@ def build_contenders(
         Contender(f"hf_vit_custom-{backend}", lambda backend=backend: ours(backend), lambda model, x: model(x).logits)
         for backend in backends
     ]
-    if cpu_optimized:
-        contenders.append(
-            Contender("hf_vit_custom-cpu", lambda: optimize_for_cpu(ours("sdpa")), lambda model, x: model(x).logits)
-        )
+    if cpu_paths:
+        # bf16 only where the CPU computes it natively: emulated, a ViT-S/16 forward took 7x fp32's (AVX2 AMD EPYC).
+        precisions = (("hf_vit_custom-cpu", None), ("hf_vit_custom-cpu-bf16", "bf16"))[: 2 if ONEDNN_BF16_LINEAR else 1]
+        contenders += [
+            Contender(name, lambda: optimize_for_cpu(ours("sdpa")), lambda model, x: model(x).logits, dtype)
+            for name, dtype in precisions
+        ]
+        with contextlib.suppress(ImportError):
+            import onnxruntime  # noqa: F401
+
+            contenders += onnxruntime_contenders(lambda: ours("sdpa"))
     if gradient_checkpointing:
         contenders.append(
             Contender(
@@ -177,18 +236,22 @@ def select_contenders(contenders: list[Contender], names: list[str] | None) -> l
 
 
 class Runner:
-    """One contender on the device: an inference closure and a training-step closure (forward, backward, AdamW)."""
+    """One contender on the device: an inference closure and a training-step closure (forward, backward, AdamW).
 
-    def __init__(self, contender: Contender, batch: torch.Tensor, labels: torch.Tensor, autocast_dtype, compile_model):
+    The contender runs in its own dtype, or else in `dtype`, the run's.
+    """
+
+    def __init__(self, contender: Contender, batch: torch.Tensor, labels: torch.Tensor, dtype: str, compile_model):
         self.contender = contender
         self.device = batch.device
         torch.manual_seed(0)
         model = contender.build().to(self.device)
-        self.model = torch.compile(model) if compile_model else model
+        self.model = torch.compile(model) if compile_model and contender.trains else model
         # Fused AdamW, the optimiser Trainer uses by default (`optim="adamw_torch_fused"`).
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if contender.trains else None
         self.batch, self.labels = batch, labels
-        self.autocast = autocast_dtype
+        self.dtype = contender.dtype or dtype
+        self.autocast = AUTOCAST_DTYPES[self.dtype]
 
     def autocast_context(self):
         if self.autocast is None:
@@ -228,7 +291,7 @@ def _training_step_memory_mb(config_values: dict, name: str, batch_size: int, dt
     height, width = to_pair(config.image_size)
     batch = torch.randn(batch_size, config.num_channels, height, width)
     labels = torch.randint(0, config.num_labels, (batch_size,))
-    runner = Runner(contender, batch, labels, {"fp32": None, "bf16": torch.bfloat16}[dtype], compile_model=False)
+    runner = Runner(contender, batch, labels, dtype, compile_model=False)
     for parameter in runner.model.parameters():  # the optimiser's state, allocated before the measured step
         runner.optimizer.state[parameter] = {
             "step": torch.tensor(0.0),
@@ -303,11 +366,13 @@ def profile_by_op_group(runners: list[Runner], device: torch.device, rounds: int
     Profiled in interleaved rounds like the timings, keeping the round with the median total: a call profiled once
     would carry whatever load a shared machine had at that moment.
     """
-    samples = {runner.contender.name: {"inference": [], "training": []} for runner in runners}
+    samples = {runner.contender.name: {"inference": []} for runner in runners}
     for _ in range(rounds):
         for runner in runners:
             samples[runner.contender.name]["inference"].append(milliseconds_by_op_group(runner.infer, device))
-            samples[runner.contender.name]["training"].append(milliseconds_by_op_group(runner.train_step, device))
+            if runner.contender.trains:
+                training = samples[runner.contender.name].setdefault("training", [])
+                training.append(milliseconds_by_op_group(runner.train_step, device))
 
     def median_round(runs: list[dict[str, float]]) -> dict[str, float]:
         return sorted(runs, key=lambda milliseconds: sum(milliseconds.values()))[len(runs) // 2]
@@ -342,23 +407,24 @@ def run_benchmark(
 ) -> dict:
     """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment.
 
-    Speed-ups are against `reference`, when it is among the contenders. `profile` adds, after the timed rounds, where
-    each contender's inference call and training step spend their time (`profile_by_op_group`).
+    Speed-ups are against `reference`, when it is among the contenders; inference runtimes get no training figures.
+    `profile` adds, after the timed rounds, where each contender's inference call and training step spend their time
+    (`profile_by_op_group`).
 
     `cpu_memory_options` (the `build_contenders` arguments that rebuild `contenders` in a fresh process) also
     measures each contender's training-step memory on the CPU; CUDA peaks are always measured.
     """
     device = torch.device(device)
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
     generator = torch.Generator().manual_seed(0)
     height, width = to_pair(config.image_size)
     batch = torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device)
     labels = torch.randint(0, config.num_labels, (batch_size,), generator=generator).to(device)
-    runners = [Runner(contender, batch, labels, autocast_dtype, compile_model) for contender in contenders]
+    runners = [Runner(contender, batch, labels, dtype, compile_model) for contender in contenders]
     for runner in runners:
         for _ in range(warmup):
             runner.infer()
-            runner.train_step()
+            if runner.contender.trains:
+                runner.train_step()
 
     inference_times = {runner.contender.name: [] for runner in runners}
     training_times = {runner.contender.name: [] for runner in runners}
@@ -376,6 +442,8 @@ def run_benchmark(
                 torch.cuda.empty_cache()
             runner.infer()
             inference_times[runner.contender.name].append(time_call(runner.infer, device, iterations))
+            if not runner.contender.trains:
+                continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             runner.train_step()
@@ -384,30 +452,34 @@ def run_benchmark(
                 peak_memory[runner.contender.name] = torch.cuda.max_memory_allocated(device) / 2**20
 
     if device.type == "cpu" and cpu_memory_options is not None:
-        peak_memory = cpu_training_step_memory_mb(
-            config, [runner.contender.name for runner in runners], batch_size, dtype, **cpu_memory_options
-        )
-    ceiling = matmul_flops_per_second(device, autocast_dtype or torch.float32)
+        trainers = [runner.contender.name for runner in runners if runner.contender.trains]
+        peak_memory = cpu_training_step_memory_mb(config, trainers, batch_size, dtype, **cpu_memory_options)
+    ceilings = {
+        name: matmul_flops_per_second(device, CEILING_DTYPES[name])
+        for name in sorted({dtype, *(runner.dtype for runner in runners)} & set(CEILING_DTYPES))
+    }
     forward_flops = vit_forward_flops(config, config.num_labels)
 
     def speedup(times: dict[str, list[float]], name: str) -> float | None:
-        if reference not in times:
+        if not times.get(reference) or not times[name]:
             return None
         pairs = zip(times[reference], times[name], strict=True)
         return statistics.median(reference_time / contender_time for reference_time, contender_time in pairs)
 
     measurements = []
     for runner in runners:
-        name = runner.contender.name
+        name, ceiling = runner.contender.name, ceilings.get(runner.dtype)
         inference_rate = batch_size / statistics.median(inference_times[name])
-        training_rate = batch_size / statistics.median(training_times[name])
+        training_rate = batch_size / statistics.median(training_times[name]) if training_times[name] else None
         measurements.append(
             Measurement(
                 name=name,
+                dtype=runner.dtype,
                 inference_images_per_s=inference_rate,
                 training_images_per_s=training_rate,
-                inference_flops_share=inference_rate * forward_flops / ceiling,
-                training_flops_share=training_rate * 3 * forward_flops / ceiling,  # backward ~ 2x forward
+                inference_flops_share=inference_rate * forward_flops / ceiling if ceiling else None,
+                # backward ~ 2x forward
+                training_flops_share=training_rate * 3 * forward_flops / ceiling if ceiling and training_rate else None,
                 peak_training_memory_mb=peak_memory.get(name),
                 inference_speedup=speedup(inference_times, name),
                 training_speedup=speedup(training_times, name),
@@ -422,7 +494,8 @@ def run_benchmark(
         "rounds": rounds,
         "compiled": compile_model,
         "reference": reference,
-        "matmul_flops_per_second": ceiling,
+        "matmul_flops_per_second": ceilings[dtype],
+        "matmul_flops_per_second_by_dtype": ceilings,
         "forward_flops_per_image": forward_flops,
         "results": [asdict(measurement) for measurement in measurements],
     }
@@ -434,25 +507,32 @@ def run_benchmark(
 def markdown_table(report: dict) -> str:
     """The report as a markdown table, with each contender's paired speed-up over the reference when it ran."""
     reference = report["reference"]
+    ceilings = ", ".join(
+        f"{flops / 1e9:.1f} GFLOP/s ({dtype})" for dtype, flops in report["matmul_flops_per_second_by_dtype"].items()
+    )
+
+    def cell(value: float | None, form: str, unit: str = "") -> str:
+        return "-" if value is None else format(value, form) + unit
+
     lines = [
         f"{report['device_name']}, {report['dtype']}, batch {report['batch_size']}, {report['threads']} threads, "
-        f"median of {report['rounds']} interleaved rounds; large-matmul ceiling "
-        f"{report['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s",
+        f"median of {report['rounds']} interleaved rounds; large-matmul ceiling {ceilings}",
         "",
-        "| contender | inference img/s | (share of ceiling) | training img/s | (share of ceiling) "
+        "| contender | dtype | inference img/s | (share of ceiling) | training img/s | (share of ceiling) "
         f"| inference vs {reference} | training vs {reference} | peak training MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
-        relative = [
-            f"{row[key]:.2f}x" if row[key] is not None else "-" for key in ("inference_speedup", "training_speedup")
+        cells = [
+            cell(row["inference_images_per_s"], ".1f"),
+            cell(row["inference_flops_share"], ".0%"),
+            cell(row["training_images_per_s"], ".1f"),
+            cell(row["training_flops_share"], ".0%"),
+            cell(row["inference_speedup"], ".2f", "x"),
+            cell(row["training_speedup"], ".2f", "x"),
+            cell(row["peak_training_memory_mb"], ".0f"),
         ]
-        memory = f"{row['peak_training_memory_mb']:.0f}" if row["peak_training_memory_mb"] is not None else "-"
-        lines.append(
-            f"| {row['name']} | {row['inference_images_per_s']:.1f} | {row['inference_flops_share']:.0%} "
-            f"| {row['training_images_per_s']:.1f} | {row['training_flops_share']:.0%} "
-            f"| {relative[0]} | {relative[1]} | {memory} |"
-        )
+        lines.append(f"| {row['name']} | {row['dtype']} | {' | '.join(cells)} |")
     if "profile" in report:
         lines += ["", profile_table(report["profile"])]
     return "\n".join(lines)
