@@ -7,23 +7,26 @@ Checked against the clients installed with this project: huggingface_hub 2.4.0 (
 Storage is real enough for revisions to matter: every commit is an id plus a `{path: bytes}` snapshot, and each repo
 maps branch names to commit ids, so a commit id or a branch name resolves to exactly the files it had.
 
-Implemented (model repos only):
+Implemented, for model repos and alike for Space repos (`KIND` below is `models` or `spaces`; a Space's routes
+outside `/api` start with `spaces/`, and it is created with an `sdk`, which its info reports):
 
 - `POST /api/repos/create` (409 with a `url` in the body when the repo exists), `POST /api/validate-yaml`,
   `GET /api/whoami-v2`;
-- `POST /api/models/{repo}/preupload/{rev}` (every file is "regular": no LFS, no Xet; the remote blob `oid` lets the
-  client skip unchanged files), `POST /api/models/{repo}/commit/{rev}` (NDJSON: `header`, `file` in base64,
-  `deletedFile`), `POST /api/models/{repo}/branch/{name}`;
-- `GET /api/models/{repo}[/revision/{rev}]`, `GET /api/models/{repo}/tree/{rev}[/{path}]` (one page, no `Link`);
-- `HEAD`/`GET /{repo}/resolve/{rev}/{path}` with `X-Repo-Commit`, `ETag` (the git blob id) and `Content-Length`.
+- `POST /api/KIND/{repo}/preupload/{rev}` (every file is "regular": no LFS, no Xet; the remote blob `oid` lets the
+  client skip unchanged files), `POST /api/KIND/{repo}/commit/{rev}` (NDJSON: `header`, `file` in base64,
+  `deletedFile`), `POST /api/KIND/{repo}/branch/{name}`;
+- `GET /api/KIND/{repo}[/revision/{rev}]`, `GET /api/KIND/{repo}/tree/{rev}[/{path}]` (one page, no `Link`);
+- `HEAD`/`GET [spaces/]{repo}/resolve/{rev}/{path}` with `X-Repo-Commit`, `ETag` (the git blob id) and
+  `Content-Length`.
 
 Errors carry the `X-Error-Code` header (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) the client turns into
 its typed exceptions. Only `token` is accepted: a wrong bearer token is answered 401 everywhere, writes without a token
 are 401, and a private repo is invisible (404 `RepoNotFound`) without it.
 
-Not implemented: LFS and Xet transfers (`lfsFile` commit lines are refused), pull requests (`create_pr`), datasets
-and Spaces, `deletedFolder`, copies, pagination, `parentCommit` checks, range requests, `list_repo_refs`/commits,
-deleting repos or branches, gated repos, rate limits. Unknown routes answer 404 without an error code.
+Not implemented: LFS and Xet transfers (`lfsFile` commit lines are refused), pull requests (`create_pr`), datasets,
+Space runtimes (hardware, secrets, builds), `deletedFolder`, copies, pagination, `parentCommit` checks, range
+requests, `list_repo_refs`/commits, deleting repos or branches, gated repos, rate limits. Unknown routes answer 404
+without an error code.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 USER = "test-user"
+# Repo kinds by the segment that names them in `/api/{kind}/...`, and the prefix of their URLs outside `/api`.
+URL_PREFIXES = {"models": "", "spaces": "spaces/"}
+REPO_TYPES = {"model": "models", "space": "spaces"}
 
 
 def git_blob_id(content: bytes) -> str:
@@ -52,8 +58,8 @@ class HubError(Exception):
 
 
 class Repo:
-    def __init__(self, repo_id: str, private: bool, first_commit: str):
-        self.repo_id, self.private = repo_id, private
+    def __init__(self, repo_id: str, private: bool, first_commit: str, sdk: str | None = None):
+        self.repo_id, self.private, self.sdk = repo_id, private, sdk
         self.commits: dict[str, dict[str, bytes]] = {first_commit: {}}
         self.branches: dict[str, str] = {"main": first_commit}
 
@@ -73,7 +79,8 @@ class HubServer(ThreadingHTTPServer):
     def __init__(self, token: str):
         super().__init__(("127.0.0.1", 0), HubRequestHandler)
         self.token = token
-        self.repos: dict[str, Repo] = {}
+        self.repos: dict[str, Repo] = {}  # model repos
+        self.spaces: dict[str, Repo] = {}
         self.requests: list[str] = []  # "METHOD path" of every request, to check what a client asked for
         self.lock = threading.Lock()
         self._ids = itertools.count()
@@ -82,6 +89,9 @@ class HubServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def repos_of(self, kind: str) -> dict[str, Repo]:
+        return self.spaces if kind == "spaces" else self.repos
 
     def new_commit_id(self) -> str:
         return hashlib.sha1(f"commit-{next(self._ids)}-{id(self)}".encode()).hexdigest()
@@ -158,8 +168,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if not self.authenticated:
             raise HubError(401, "You must be authenticated to access this resource")
 
-    def _repo(self, repo_id: str) -> Repo:
-        repo = self.server.repos.get(repo_id)
+    def _repo(self, kind: str, repo_id: str) -> Repo:
+        repo = self.server.repos_of(kind).get(repo_id)
         if repo is None or (repo.private and not self.authenticated):
             raise HubError(404, "Repository not found", "RepoNotFound")
         return repo
@@ -177,31 +187,39 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 return 200, {}, {"errors": [], "warnings": []}
             if method == "POST" and parts[1:] == ["repos", "create"]:
                 return self._create_repo()
-            if len(parts) >= 4 and parts[1] == "models":
-                return self._model_api(method, f"{parts[2]}/{parts[3]}", parts[4:])
-        if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
-            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
+            if len(parts) >= 4 and parts[1] in URL_PREFIXES:
+                return self._repo_api(method, parts[1], f"{parts[2]}/{parts[3]}", parts[4:])
+        kind = "spaces" if parts[:1] == ["spaces"] else "models"
+        repo_parts = parts[1:] if kind == "spaces" else parts
+        if method in ("GET", "HEAD") and len(repo_parts) >= 5 and repo_parts[2] == "resolve":
+            return self._resolve(kind, f"{repo_parts[0]}/{repo_parts[1]}", repo_parts[3], "/".join(repo_parts[4:]))
         raise HubError(404, f"Not implemented by tests/hub_server.py: {method} {self.path}")
 
     def _create_repo(self):
         self._require_token()
         payload = self._json()
-        if payload.get("type", "model") != "model":
-            raise HubError(400, "tests/hub_server.py only hosts model repos")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in REPO_TYPES:
+            raise HubError(400, "tests/hub_server.py only hosts model and Space repos")
+        kind = REPO_TYPES[repo_type]
+        sdk = payload.get("sdk")
+        if kind == "spaces" and not sdk:
+            raise HubError(400, "A Space needs an sdk")
+        repos = self.server.repos_of(kind)
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
-        url = f"{self.server.url}/{repo_id}"
-        if repo_id in self.server.repos:
-            raise HubError(409, "You already created this model repo", body={"url": url})
+        url = f"{self.server.url}/{URL_PREFIXES[kind]}{repo_id}"
+        if repo_id in repos:
+            raise HubError(409, f"You already created this {repo_type} repo", body={"url": url})
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        self.server.repos[repo_id] = Repo(repo_id, private, self.server.new_commit_id())
+        repos[repo_id] = Repo(repo_id, private, self.server.new_commit_id(), sdk=sdk)
         return 200, {}, {"url": url, "name": repo_id}
 
-    def _model_api(self, method: str, repo_id: str, rest: list[str]):
-        repo = self._repo(repo_id)
+    def _repo_api(self, method: str, kind: str, repo_id: str, rest: list[str]):
+        repo = self._repo(kind, repo_id)
         if method == "GET" and not rest:
-            return 200, {}, self._model_info(repo, "main")
+            return 200, {}, self._repo_info(repo, "main")
         if method == "GET" and len(rest) == 2 and rest[0] == "revision":
-            return 200, {}, self._model_info(repo, rest[1])
+            return 200, {}, self._repo_info(repo, rest[1])
         if method == "GET" and len(rest) >= 2 and rest[0] == "tree":
             return 200, {}, self._tree(repo, rest[1], "/".join(rest[2:]))
         if method == "POST" and len(rest) == 2 and rest[0] == "preupload":
@@ -217,7 +235,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             ]
             return 200, {}, {"files": answer}
         if method == "POST" and len(rest) == 2 and rest[0] == "commit":
-            return self._commit(repo, rest[1])
+            return self._commit(kind, repo, rest[1])
         if method == "POST" and len(rest) == 2 and rest[0] == "branch":
             self._require_token()
             if rest[1] in repo.branches:
@@ -227,15 +245,16 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return 200, {}, {}
         raise HubError(404, f"Not implemented by tests/hub_server.py: {method} {self.path}")
 
-    def _model_info(self, repo: Repo, revision: str) -> dict:
+    def _repo_info(self, repo: Repo, revision: str) -> dict:
         sha = repo.resolve(revision)
-        return {
+        info = {
             "id": repo.repo_id,
             "modelId": repo.repo_id,
             "sha": sha,
             "private": repo.private,
             "siblings": [{"rfilename": path} for path in sorted(repo.commits[sha])],
         }
+        return info if repo.sdk is None else {**info, "sdk": repo.sdk}
 
     def _tree(self, repo: Repo, revision: str, folder: str) -> list[dict]:
         files = repo.commits[repo.resolve(revision)]
@@ -258,7 +277,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(404, f"{folder} does not exist on {revision}", "EntryNotFound")
         return list(entries.values())
 
-    def _commit(self, repo: Repo, revision: str):
+    def _commit(self, kind: str, repo: Repo, revision: str):
         self._require_token()
         if revision not in repo.branches:  # commits go onto a branch
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
@@ -286,11 +305,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         commit_id = self.server.new_commit_id()
         repo.commits[commit_id] = files
         repo.branches[revision] = commit_id
-        commit_url = f"{self.server.url}/{repo.repo_id}/commit/{commit_id}"
+        commit_url = f"{self.server.url}/{URL_PREFIXES[kind]}{repo.repo_id}/commit/{commit_id}"
         return 200, {}, {"success": True, "commitOid": commit_id, "commitUrl": commit_url}
 
-    def _resolve(self, repo_id: str, revision: str, path: str):
-        repo = self._repo(repo_id)
+    def _resolve(self, kind: str, repo_id: str, revision: str, path: str):
+        repo = self._repo(kind, repo_id)
         commit_id = repo.resolve(revision)
         files = repo.commits[commit_id]
         headers = {"X-Repo-Commit": commit_id}

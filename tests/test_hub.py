@@ -4,6 +4,7 @@ Pushes run in this process with `huggingface_hub.constants` pointed at the serve
 the environment set before `huggingface_hub` is imported, as a user's would be.
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -17,12 +18,12 @@ import pytest
 import torch
 from conftest import tiny_config_kwargs
 from hub_server import HubServer
-from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub import HfApi, ModelCard, SpaceCard, constants, snapshot_download
 from transformers import ViTImageProcessorPil
 
 import hf_vit_custom
-from hf_vit_custom.cli import run
-from hf_vit_custom.hub import HubError, load_from_hub, push_model_folder
+from hf_vit_custom.cli import UsageError, run
+from hf_vit_custom.hub import HubError, load_from_hub, push_demo_space, push_model_folder
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +73,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def run_client(script: str, hf_home: Path, server: HubServer, offline: bool = False, package: bool = True) -> None:
-    """Run `script` in a fresh interpreter whose Hub client points at `server`."""
+def run_client(
+    script: str, hf_home: Path, server: HubServer, offline: bool = False, package: bool = True, cwd: Path | None = None
+) -> None:
+    """Run `script` in a fresh interpreter whose Hub client points at `server` (from `cwd`, else `hf_home`'s parent)."""
     env = {
         **os.environ,
         "HF_ENDPOINT": server.url,
@@ -86,7 +89,7 @@ def run_client(script: str, hf_home: Path, server: HubServer, offline: bool = Fa
     prelude = "" if package else 'import sys\nsys.modules["hf_vit_custom"] = None\n'
     result = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(script)],
-        cwd=hf_home.parent,
+        cwd=cwd or hf_home.parent,
         env=env,
         capture_output=True,
         text=True,
@@ -365,3 +368,70 @@ def test_an_old_masked_autoencoder_save_is_completed_with_its_own_code_file(hub,
     auto_map = json.loads(files["config.json"])["auto_map"]
     assert auto_map["AutoModelForMaskedImageModeling"] == "modeling_vit_custom_mae.ViTCustomForMaskedImageModeling"
     assert snapshot(folder) == before
+
+
+def push_to_hub_script():
+    spec = importlib.util.spec_from_file_location("push_to_hub", ROOT / "scripts" / "push_to_hub.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_demo_space_arrives_and_its_app_builds_from_the_model_repo(hub, pushed, tmp_path):
+    url = push_demo_space("test-user/vit-tiny", "vit-tiny-demo")
+    space = hub.spaces["test-user/vit-tiny-demo"]  # a bare NAME went to the token owner's namespace
+    assert space.sdk == "gradio" and url == f"{hub.url}/spaces/test-user/vit-tiny-demo/commit/{space.branches['main']}"
+    assert "test-user/vit-tiny-demo" not in hub.repos  # a Space, not a model repo
+    files = space.commits[space.branches["main"]]
+    assert {"app.py", "requirements.txt", "README.md", "hf_vit_custom/demo.py", "hf_vit_custom/visualize.py"} <= set(
+        files
+    )
+    assert "build_demo('test-user/vit-tiny')" in files["app.py"].decode()
+    requirements = files["requirements.txt"].decode().split()
+    assert any(line.startswith("torch") for line in requirements) and not any("gradio" in line for line in requirements)
+
+    # Read back through the client, as the Hub serves a Space's files.
+    card = SpaceCard.load("test-user/vit-tiny-demo", repo_type="space")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.models == ["test-user/vit-tiny"]
+    assert card.data.sdk_version == importlib.metadata.version("gradio")
+    space_folder = Path(snapshot_download("test-user/vit-tiny-demo", repo_type="space", local_dir=tmp_path / "space"))
+    # What the Space runs: app.py, importing the package copied beside it, loading the model from the Hub.
+    run_client(
+        f"""
+        import app, hf_vit_custom
+        assert hf_vit_custom.__file__.startswith({str(space_folder)!r}), hf_vit_custom.__file__
+        assert type(app.demo).__name__ == "Blocks"
+        """,
+        tmp_path / "hf_home",
+        hub,
+        cwd=space_folder,
+    )
+
+
+def test_a_space_for_a_model_that_is_not_on_the_hub_is_refused(hub):
+    with pytest.raises(HubError, match="Repository test-user/never-pushed not found"):
+        push_demo_space("test-user/never-pushed", "test-user/never-pushed-demo")
+    assert "test-user/never-pushed-demo" not in hub.spaces
+
+
+def test_cli_pushes_the_model_then_its_space(hub, tmp_path, capsys):
+    folder = tmp_path / "model"
+    save_model(folder, seed=4)
+    script = push_to_hub_script()
+    assert script.main([str(folder), "--repo_id", "cli-space", "--space_id", "cli-space-demo"]) == 0
+    model_url, space_url = capsys.readouterr().out.split()
+    assert model_url.endswith(hub.repos["test-user/cli-space"].branches["main"])
+    space = hub.spaces["test-user/cli-space-demo"]
+    assert space_url.endswith(space.branches["main"])
+    assert "build_demo('test-user/cli-space')" in space.commits[space.branches["main"]]["app.py"].decode()
+    with pytest.raises(UsageError, match="--space_id needs the model on main"):
+        script.main([str(folder), "--repo_id", "cli-space", "--space_id", "cli-space-demo", "--revision", "dev"])
+
+
+def test_without_gradio_the_cli_pushes_neither_the_model_nor_a_space(hub, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    save_model(folder, seed=5)
+    monkeypatch.setitem(sys.modules, "gradio", None)  # not installed
+    with pytest.raises(OSError, match=r"The demo needs gradio"):
+        push_to_hub_script().main([str(folder), "--repo_id", "no-gradio", "--space_id", "no-gradio-demo"])
+    assert "test-user/no-gradio" not in hub.repos and "test-user/no-gradio-demo" not in hub.spaces

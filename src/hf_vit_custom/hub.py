@@ -307,6 +307,46 @@ def push_model_folder(
     return commit.commit_url
 
 
+def push_demo_space(
+    model_repo_id: str,
+    space_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload the Gradio demo of the model `model_repo_id` to the Space `space_id`; return the commit's URL.
+
+    A custom-code model gets no hosted inference widget on the Hub, so the Space is where people try it: its files
+    are `hf_vit_custom.demo.write_space_folder`'s, and it loads the model's main branch. The model must already be
+    on the Hub (pushed with `push_model_folder`); a bare NAME for either repo means the token owner's namespace. A
+    private model also needs an `HF_TOKEN` secret in the Space's settings, which this never uploads.
+
+    Raises `HubError` for a missing model repo, authentication and network problems, `OSError` without gradio.
+    """
+    from .demo import write_space_folder  # the demo's imports (matplotlib, visualize) only for a Space
+
+    api = HfApi(token=token)
+    with hub_errors(model_repo_id):
+        if "/" not in model_repo_id:
+            model_repo_id = f"{api.whoami()['name']}/{model_repo_id}"
+        api.model_info(model_repo_id)  # refuse to build a demo of nothing
+    with staging_folder(prefix="vit_custom_space_") as staging:
+        write_space_folder(staging, model_repo_id)  # first: a missing gradio creates no empty Space
+        with hub_errors(space_id):
+            space_id = api.create_repo(
+                space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True
+            ).repo_id
+            commit = api.upload_folder(
+                repo_id=space_id,
+                repo_type="space",
+                folder_path=staging,
+                commit_message=commit_message or f"Demo of {model_repo_id}",
+            )
+    logger.info("Pushed the demo of %s to %s", model_repo_id, commit.commit_url)
+    return commit.commit_url
+
+
 def load_from_hub(repo_id: str, *, revision: str | None = None, token: str | None = None, **kwargs):
     """`AutoModelForImageClassification.from_pretrained(repo_id)` with a clear error for a non-`vit_custom` repo."""
     from huggingface_hub import hf_hub_download
