@@ -404,6 +404,7 @@ def run_benchmark(
     cpu_memory_options: dict | None = None,
     reference: str = "transformers-sdpa",
     profile: bool = False,
+    ceiling_matmul_size: int | None = None,
 ) -> dict:
     """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment.
 
@@ -413,6 +414,8 @@ def run_benchmark(
 
     `cpu_memory_options` (the `build_contenders` arguments that rebuild `contenders` in a fresh process) also
     measures each contender's training-step memory on the CPU; CUDA peaks are always measured.
+    `ceiling_matmul_size` overrides the width of the ceiling's matmul (`matmul_flops_per_second`): a dtype this CPU
+    only emulates takes minutes at the default width.
     """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
@@ -455,7 +458,7 @@ def run_benchmark(
         trainers = [runner.contender.name for runner in runners if runner.contender.trains]
         peak_memory = cpu_training_step_memory_mb(config, trainers, batch_size, dtype, **cpu_memory_options)
     ceilings = {
-        name: matmul_flops_per_second(device, CEILING_DTYPES[name])
+        name: matmul_flops_per_second(device, CEILING_DTYPES[name], ceiling_matmul_size)
         for name in sorted({dtype, *(runner.dtype for runner in runners)} & set(CEILING_DTYPES))
     }
     forward_flops = vit_forward_flops(config, config.num_labels)
