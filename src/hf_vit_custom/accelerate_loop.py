@@ -34,7 +34,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import BaseImageProcessor, Trainer, get_scheduler
@@ -56,6 +56,7 @@ from .persistence import (
     training_footprint,
     write_folder_atomically,
 )
+from .recipes import WeightAverage, training_loss, weights_of
 from .training import (
     HUB_HYPERPARAMETERS,
     DataArguments,
@@ -65,6 +66,8 @@ from .training import (
     plot_training_curve,
     prepare_data_and_model,
     reload_and_predict,
+    resume_weight_average,
+    save_weight_average,
 )
 
 logger = get_logger(__name__)
@@ -84,7 +87,8 @@ class AccelerateArguments(ViTTrainingArguments):
     `bf16` / `fp16` (else the launcher's precision), `save_strategy` (`no`, `steps` or `epoch`), `save_steps`,
     `save_total_limit`, `resume_from_checkpoint`, `logging_steps`, `report_to`, `push_to_hub`, `hub_model_id`,
     `hub_private_repo`, `accelerator_config`'s `use_seedable_sampler`, `dataloader_num_workers`,
-    `dataloader_drop_last`, `disable_tqdm`, `use_cpu` and `num_demo_predictions`; it evaluates after every epoch.
+    `dataloader_drop_last`, `disable_tqdm`, `use_cpu`, `num_demo_predictions` and the recipes (`layer_decay`,
+    `mixup_alpha`, `cutmix_alpha`, `label_smoothing_factor`, `ema_decay`); it evaluates after every epoch.
     """
 
     output_dir: str | None = field(
@@ -161,6 +165,7 @@ class _Run:
     logging_interval: int
     save_interval: int | None  # optimiser steps between checkpoints with `save_strategy="steps"`
     hub_repo_id: str | None
+    weight_average: WeightAverage | None = None  # `--ema_decay`
     progress: TrainingProgress = field(default_factory=TrainingProgress)
     progress_bar: Any = None
     start_time: float = 0.0
@@ -293,6 +298,10 @@ def _set_up(
         save_interval=save_interval,
         hub_repo_id=hub_repo_id,
     )
+    if args.ema_decay is not None:
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError("`--ema_decay` cannot be used with sharded training (FSDP, DeepSpeed).")
+        run.weight_average = WeightAverage(accelerator.unwrap_model(model), args.ema_decay)
     if accelerator.is_main_process:
         _check_room(run)
     if args.report_to:
@@ -335,7 +344,8 @@ def _set_verbosity(accelerator: Accelerator) -> None:
 def _optimizer(model: torch.nn.Module, args: AccelerateArguments) -> torch.optim.Optimizer:
     """Trainer's own optimiser for `--optim` and its settings, over the Trainer path's weight-decay groups."""
     optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    return optimizer_class(optimizer_parameter_groups(model, args.weight_decay), **optimizer_kwargs)
+    groups = optimizer_parameter_groups(model, args.weight_decay, args.learning_rate, args.layer_decay)
+    return optimizer_class(groups, **optimizer_kwargs)
 
 
 def _data_loader(dataset: torch.utils.data.Dataset, args: AccelerateArguments, train: bool) -> DataLoader:
@@ -382,6 +392,8 @@ def _resume(run: _Run) -> None:
     check_checkpoint_fits(checkpoint, run.accelerator.unwrap_model(run.model))
     progress.load(checkpoint)
     run.accelerator.load_state(str(checkpoint))
+    if run.weight_average is not None:
+        resume_weight_average(run.weight_average, checkpoint, run.accelerator.unwrap_model(run.model))
     logger.info(
         "Resumed from %s: step %d, epoch %d after batch %d",
         checkpoint,
@@ -449,7 +461,7 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor], window: LossWindow) -
     gradient norm, if any."""
     accelerator, grad_norm = run.accelerator, None
     with accelerator.accumulate(run.model):
-        loss = run.model(**batch).loss
+        loss = training_loss(run.model, batch, run.args.label_smoothing_factor)
         window.add(loss)
         accelerator.backward(loss)
         if accelerator.sync_gradients and run.args.max_grad_norm > 0:
@@ -464,6 +476,8 @@ def _after_optimizer_step(run: _Run, epoch: int, window: LossWindow, grad_norm: 
     """Count the step; log the training loss and save a checkpoint when their intervals say so."""
     progress = run.progress
     progress.completed_steps += 1
+    if run.weight_average is not None:
+        run.weight_average.update(run.accelerator.unwrap_model(run.model))
     run.progress_bar.update(1)
     at_log = progress.completed_steps % run.logging_interval == 0
     at_checkpoint = run.save_interval is not None and progress.completed_steps % run.save_interval == 0
@@ -520,6 +534,8 @@ def _save_checkpoint(run: _Run) -> None:
 def _write_checkpoint(run: _Run, staging: Path) -> None:
     run.accelerator.save_state(str(staging))  # model, optimiser, scheduler and RNG states
     if run.accelerator.is_main_process:
+        if run.weight_average is not None:
+            run.weight_average.save(staging)
         run.progress.save(staging)
 
 
@@ -543,6 +559,13 @@ def _finish(run: _Run, data_args: DataArguments) -> dict:
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if split in run.eval_dataloaders:
             metrics.update(_prefixed(prefix, evaluate(run.model, run.eval_dataloaders[split], accelerator)))
+    if run.weight_average is not None:
+        if accelerator.is_main_process:
+            save_weight_average(run.weight_average, run.image_processor, args.output_dir)
+        with weights_of(accelerator.unwrap_model(run.model), run.weight_average.module):
+            for split, prefix in (("validation", "ema_eval"), ("test", "ema_test")):
+                if split in run.eval_dataloaders:
+                    metrics.update(_prefixed(prefix, evaluate(run.model, run.eval_dataloaders[split], accelerator)))
     test_metrics = {key: value for key, value in metrics.items() if key.startswith("test_")}
     accelerator.log(test_metrics, step=run.max_train_steps)
     if accelerator.is_main_process:

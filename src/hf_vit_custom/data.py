@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from sklearn.model_selection import train_test_split
 from transformers import ViTImageProcessorPil
 
 from .configuration_vit_custom import to_pair
+from .recipes import SOFT_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -673,16 +674,28 @@ class PerExampleSeededDataset(torch.utils.data.Dataset):
     the crops are the same whatever the process count, the number of workers, the prefetching or the resumption, and
     the global generator is left to the model (dropout, stochastic depth).
 
+    A `batch_mixer` (`recipes.MixupCutmix`) mixes each batch the data loader fetches, with a generator seeded from
+    (seed, epoch, the batch's indices): the same batch is mixed alike in a resumed run. Its examples then carry
+    `soft_labels` beside their `labels`.
+
     Args:
         dataset: the raw split, with PIL images (no transform attached).
         transform: the training transform (`ImageClassificationTransform(train=True)`).
         seed: the run's seed.
+        batch_mixer: mixes a batch's `pixel_values` and makes its soft labels, or None.
     """
 
-    def __init__(self, dataset: datasets.Dataset, transform: ImageClassificationTransform, seed: int):
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        transform: ImageClassificationTransform,
+        seed: int,
+        batch_mixer: Callable[[torch.Tensor, torch.Tensor, np.random.Generator], tuple] | None = None,
+    ):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        self.batch_mixer = batch_mixer
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -699,6 +712,11 @@ class PerExampleSeededDataset(torch.utils.data.Dataset):
         indices = [int(index) for index in indices]
         # One image-processor call for the whole batch; only the augmentation is seeded example by example.
         transformed = self.transform(self.dataset[indices], example_seeds=[self.example_seed(i) for i in indices])
+        if self.batch_mixer is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, *indices]))
+            transformed["pixel_values"], transformed[SOFT_LABELS] = self.batch_mixer(
+                transformed["pixel_values"], transformed["labels"], rng
+            )
         return [{name: value[position] for name, value in transformed.items()} for position in range(len(indices))]
 
     def example_seed(self, index: int) -> int:
@@ -710,12 +728,16 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack transformed examples into a batch, for `DataLoader(collate_fn=...)` and `Trainer(data_collator=...)`.
 
     Returns:
-        `pixel_values` (batch, channels, height, width) and `labels` int64 (batch,).
+        `pixel_values` (batch, channels, height, width) and `labels` int64 (batch,), and `soft_labels` (batch,
+        num_labels) when the examples carry them (Mixup / CutMix).
     """
-    return {
+    batch = {
         "pixel_values": torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples]),
         "labels": torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long),
     }
+    if SOFT_LABELS in examples[0]:
+        batch[SOFT_LABELS] = torch.stack([example[SOFT_LABELS] for example in examples])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,17 @@ class PretrainingArguments(ViTTrainingArguments):
         # Early stopping watches the reconstruction loss: there is no accuracy to watch.
         if self.early_stopping_patience is not None:
             self.metric_for_best_model = self.metric_for_best_model or "loss"
+        fine_tuning_recipes = {
+            "layer_decay": self.layer_decay is not None,
+            "mixup_alpha": self.mixup_alpha > 0,
+            "cutmix_alpha": self.cutmix_alpha > 0,
+            "label_smoothing_factor": self.label_smoothing_factor > 0,
+        }
+        if used := [f"--{name}" for name, given in fine_tuning_recipes.items() if given]:
+            raise ValueError(
+                f"{', '.join(used)}: fine-tuning recipes for a classifier; MAE pre-training reconstructs pixels. "
+                "Use them with scripts/train.py when fine-tuning the pre-trained model."
+            )
         super().__post_init__()
 
 

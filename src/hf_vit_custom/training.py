@@ -54,6 +54,17 @@ from .persistence import (
     resolve_resume_checkpoint,
     training_footprint,
 )
+from .recipes import (
+    EMA_CHECKPOINT_FILE,
+    EMA_FOLDER,
+    SOFT_LABELS,
+    MixupCutmix,
+    WeightAverage,
+    layer_id,
+    layer_learning_rates,
+    soft_target_cross_entropy,
+    weights_of,
+)
 from .visualize import save_attention_grid
 
 logger = logging.getLogger(__name__)
@@ -202,6 +213,31 @@ class ViTTrainingArguments(TrainingArguments):
         },
     )
 
+    layer_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-wise learning-rate decay: each encoder layer trains at this times the rate of the one "
+            "above it, the head at `--learning_rate` (0.65-0.75 fine-tunes MAE and DINOv2 encoders)."
+        },
+    )
+    mixup_alpha: float = field(
+        default=0.0, metadata={"help": "Mixup: Beta(alpha, alpha) of the mixing coefficient (DeiT: 0.8; 0 is off)."}
+    )
+    cutmix_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "CutMix: Beta(alpha, alpha) of the pasted area (DeiT: 1.0; 0 is off); with Mixup, half "
+            "the batches each."
+        },
+    )
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an exponential moving average of the weights with this decay per optimiser step (e.g. "
+            "0.999), saved as its own model in `output_dir/ema`."
+        },
+    )
+
     # The model has no unused parameters (every module takes part in the forward), so DDP can skip the search.
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's unused-parameter search."})
 
@@ -230,6 +266,20 @@ class ViTTrainingArguments(TrainingArguments):
                 raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
         if not math.isfinite(self.learning_rate) or self.learning_rate < 0:  # 0 freezes the model: allowed
             raise ValueError(f"`--learning_rate` must be a finite number >= 0, got {self.learning_rate}.")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"`--layer_decay` must lie in (0, 1], got {self.layer_decay}.")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"`--{name}` must be a finite number >= 0 (0 is off), got {getattr(self, name)}.")
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise ValueError(f"`--label_smoothing_factor` must lie in [0, 1), got {self.label_smoothing_factor}.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"`--ema_decay` must lie strictly between 0 and 1, got {self.ema_decay}.")
+        if self.ema_decay is not None and (self.fsdp or self.deepspeed):
+            raise ValueError(
+                "`--ema_decay` keeps a whole copy of the weights on every process, which sharded training (FSDP, "
+                "DeepSpeed) does not have; train without it or without sharding."
+            )
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError(
                 f"Nothing would be trained: `--num_train_epochs` is {self.num_train_epochs} and `--max_steps` is "
@@ -268,14 +318,31 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def optimizer_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups built from `decay_parameter_names`, for loops that make their own optimiser."""
+def optimizer_parameter_groups(
+    model: torch.nn.Module, weight_decay: float, learning_rate: float | None = None, layer_decay: float | None = None
+) -> list[dict]:
+    """AdamW parameter groups built from `decay_parameter_names`, for loops that make their own optimiser.
+
+    With `layer_decay`, each (layer, decay) pair is a group with its own `lr` from `recipes.layer_learning_rates`
+    (`learning_rate` at the head); the schedule then scales every group's rate alike.
+    """
     decay = set(decay_parameter_names(model))
     parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for name, p in parameters if name in decay], "weight_decay": weight_decay},
-        {"params": [p for name, p in parameters if name not in decay], "weight_decay": 0.0},
-    ]
+    if layer_decay is None:
+        return [
+            {"params": [p for name, p in parameters if name in decay], "weight_decay": weight_decay},
+            {"params": [p for name, p in parameters if name not in decay], "weight_decay": 0.0},
+        ]
+    num_layers = model.config.num_hidden_layers
+    rates = layer_learning_rates(learning_rate, layer_decay, num_layers)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, parameter in parameters:
+        key = (layer_id(name, num_layers), name in decay)
+        group = groups.setdefault(
+            key, {"params": [], "weight_decay": weight_decay if key[1] else 0.0, "lr": rates[key[0]]}
+        )
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
 
 
 class EpochSeedCallback(TrainerCallback):
@@ -288,12 +355,61 @@ class EpochSeedCallback(TrainerCallback):
             dataset.set_epoch(math.floor(state.epoch + 1e-9))
 
 
+class WeightAverageCallback(TrainerCallback):
+    """Update a `recipes.WeightAverage` after every optimiser step."""
+
+    def __init__(self, average: WeightAverage):
+        self.average = average
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.average.update(model)
+
+
 class ViTTrainer(Trainer):
-    """Trainer whose optimiser decays only the parameters `decay_parameter_names` selects, and whose evaluation leaves
-    the training's random stream alone."""
+    """Trainer whose optimiser decays only the parameters `decay_parameter_names` selects (with layer-wise learning
+    rates under `--layer_decay`), which trains on Mixup / CutMix's soft labels when the batch has them, keeps the
+    weight average of `--ema_decay` in its checkpoints, and whose evaluation leaves the training's random stream alone.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_average = None
+        if self.args.ema_decay is not None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # enabled by `accelerate launch`'s config
+                raise ValueError("`--ema_decay` cannot be used with sharded training (FSDP, DeepSpeed).")
+            self.weight_average = WeightAverage(self.model, self.args.ema_decay)
+            self.add_callback(WeightAverageCallback(self.weight_average))
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         return decay_parameter_names(model)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.args.layer_decay is not None:
+            model = self.model if model is None else model
+            optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = optimizer_parameter_groups(
+                model, self.args.weight_decay, self.args.learning_rate, self.args.layer_decay
+            )
+            self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if SOFT_LABELS not in inputs:  # Trainer's own loss, smoothed by `label_smoothing_factor`
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(pixel_values=inputs["pixel_values"])
+        loss = soft_target_cross_entropy(outputs.logits, inputs[SOFT_LABELS])
+        return (loss, outputs) if return_outputs else loss
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Before `trainer_state.json`, the file that marks a checkpoint complete.
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.weight_average is not None and self.args.should_save:
+            self.weight_average.save(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.weight_average is not None and checkpoint is not None:
+            resume_weight_average(self.weight_average, checkpoint, self.model)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Evaluate without touching the global random generator that dropout and stochastic depth draw from.
@@ -305,6 +421,15 @@ class ViTTrainer(Trainer):
         accelerators = [] if device.type == "cpu" else [device.index or 0]  # the CPU generator is always forked
         with torch.random.fork_rng(devices=accelerators, device_type=device.type):
             return super().evaluate(*args, **kwargs)
+
+
+def resume_weight_average(average: WeightAverage, checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load the average a checkpoint kept; one saved without an average starts it afresh, with a warning."""
+    if (Path(checkpoint) / EMA_CHECKPOINT_FILE).is_file():
+        average.load(checkpoint)
+    else:
+        logger.warning("%s holds no weight average: `--ema_decay` starts one from its weights.", checkpoint)
+        average.restart_from(model)
 
 
 def resolve_config(model_args: ModelArguments, uses_default_data: bool, **fields) -> ViTCustomConfig:
@@ -468,12 +593,14 @@ class PreparedData:
     image_processor: BaseImageProcessor
     train_transform: ImageClassificationTransform
     eval_transform: ImageClassificationTransform
+    batch_mixer: MixupCutmix | None = None
 
     def model_inputs(self, seed: int) -> dict[str, torch.utils.data.Dataset]:
         """The splits with their transforms attached, as `Trainer` takes them."""
         # Crops are seeded per example from (seed, epoch, index), so a run resumed from any checkpoint, even mid-epoch
         # where the data loader had already prefetched the next batch, draws exactly the crops of an uninterrupted run.
-        datasets = {"train": PerExampleSeededDataset(self.splits["train"], self.train_transform, seed)}
+        train = PerExampleSeededDataset(self.splits["train"], self.train_transform, seed, self.batch_mixer)
+        datasets = {"train": train}
         for split in ("validation", "test"):
             if split in self.splits:
                 datasets[split] = self.splits[split].with_transform(self.eval_transform)
@@ -566,7 +693,15 @@ def prepare_data_and_model(
         crop_scale=(data_args.min_crop_scale, 1.0) if data_args.min_crop_scale < 1.0 else None,
     )
     eval_transform = ImageClassificationTransform(image_processor, num_channels=num_channels, train=False)
-    return PreparedData(splits, model, image_processor, train_transform, eval_transform)
+    batch_mixer = None
+    if training_args.mixup_alpha > 0 or training_args.cutmix_alpha > 0:
+        batch_mixer = MixupCutmix(
+            model.config.num_labels,
+            mixup_alpha=training_args.mixup_alpha,
+            cutmix_alpha=training_args.cutmix_alpha,
+            label_smoothing=training_args.label_smoothing_factor,
+        )
+    return PreparedData(splits, model, image_processor, train_transform, eval_transform, batch_mixer)
 
 
 def prepare_output_folder(model: PreTrainedModel, training_args: TrainingArguments) -> None:
@@ -626,9 +761,23 @@ def train_save_and_evaluate(trainer: Trainer, training_args: TrainingArguments, 
     metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     if test_dataset is not None:
         metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
+    if trainer.weight_average is not None:
+        if trainer.is_world_process_zero():
+            save_weight_average(trainer.weight_average, trainer.processing_class, training_args.output_dir)
+        with weights_of(trainer.model, trainer.weight_average.module):
+            metrics.update(trainer.evaluate(metric_key_prefix="ema_eval"))
+            if test_dataset is not None:
+                metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="ema_test"))
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics, combined=False)
     return metrics
+
+
+def save_weight_average(average: WeightAverage, image_processor, output_dir: str | os.PathLike) -> None:
+    """The weight average as a model folder of its own, `output_dir/ema`, loadable like the trained model."""
+    folder = Path(output_dir) / EMA_FOLDER
+    average.module.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
 
 
 def run_script(dataclass_types: tuple[type, ...], run, report, args: list[str] | None = None) -> dict:
