@@ -6,6 +6,7 @@
     python scripts/benchmark.py --batch_size 32 --gradient_checkpointing --cpu_memory --no_transformers --backends sdpa
     python scripts/benchmark.py --dtype bf16 --profile   # and where each call spends its time, by op group
     python scripts/benchmark.py --import_time --rounds 7   # how long `import hf_vit_custom` takes
+    python scripts/benchmark.py --data   # images/s of one data-loader worker, and the workers a GPU needs
 
 Prints a markdown table (images/s, share of the same run's large-matmul FLOP/s, ratio to transformers-sdpa) and
 writes it with the raw figures to `--output` (`.md` and `.json`). Compare figures only within one run.
@@ -18,13 +19,16 @@ from pathlib import Path
 import torch
 
 from hf_vit_custom.benchmark import (
+    GPU_TRAINING_IMAGES_PER_S,
     build_contenders,
     count_graph_breaks,
+    data_table,
     import_seconds,
     import_table,
     markdown_table,
     run_benchmark,
     select_contenders,
+    training_transform_throughput,
 )
 from hf_vit_custom.cli import raise_usage_errors, run
 from hf_vit_custom.configuration_vit_custom import ViTCustomConfig
@@ -62,6 +66,17 @@ def main(args: list[str] | None = None) -> dict:
         action="store_true",
         help="instead of throughput, time the imports of torch, transformers' ViT and this package (--rounds rounds)",
     )
+    parser.add_argument(
+        "--data",
+        action="store_true",
+        help="instead of the models, time the training transform of one data-loader worker on JPEG photos",
+    )
+    parser.add_argument(
+        "--gpu_training_images_per_s",
+        type=float,
+        default=GPU_TRAINING_IMAGES_PER_S,
+        help="with --data: the training throughput the workers must feed (default: ViT-B/16 compiled on an H200)",
+    )
     parser.add_argument("--output", default="benchmark", help="writes OUTPUT.md and OUTPUT.json")
     options = parser.parse_args(args)
 
@@ -70,6 +85,10 @@ def main(args: list[str] | None = None) -> dict:
         table = f"Imports, each in a fresh interpreter (median of {options.rounds} interleaved rounds):\n\n"
         table += import_table(seconds)
         return write_report({"import_seconds": seconds, "rounds": options.rounds}, table, options.output)
+    if options.data:
+        report = training_transform_throughput(rounds=options.rounds)
+        report["gpu_training_images_per_s"] = options.gpu_training_images_per_s
+        return write_report(report, data_table(report, options.gpu_training_images_per_s), options.output)
     if options.threads:
         torch.set_num_threads(options.threads)
     config = ViTCustomConfig.from_preset(options.preset, num_labels=options.num_labels)

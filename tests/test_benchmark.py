@@ -12,6 +12,7 @@ from hf_vit_custom.benchmark import (
     build_contenders,
     count_graph_breaks,
     cpu_training_step_memory_mb,
+    data_table,
     import_seconds,
     import_table,
     markdown_table,
@@ -19,7 +20,9 @@ from hf_vit_custom.benchmark import (
     op_group,
     run_benchmark,
     select_contenders,
+    training_transform_throughput,
     vit_forward_flops,
+    workers_per_gpu,
 )
 from hf_vit_custom.cli import run
 from hf_vit_custom.cpu_speed import ONEDNN_BF16_LINEAR
@@ -209,3 +212,18 @@ def test_run_benchmark_profiles_both_passes_of_every_contender_on_request():
     assert "| attention | matmuls | casts and copies |" in table
     assert table.count("| training |") == len(contenders)
     assert "profile" not in run_benchmark(config, contenders[:1], batch_size=2, rounds=1, warmup=0)
+
+
+def test_the_data_benchmark_times_the_training_transform_on_the_sample_photos():
+    report = training_transform_throughput(num_images=4, image_size=32, batch_size=2, rounds=1)
+    assert report["photo_size"] == [640, 427]
+    assert report["training_transform_images_per_s"] > 0
+    assert report["decode_images_per_s"] > 0
+    table = data_table(report, gpu_training_images_per_s=1e9)
+    assert "640x427 JPEGs to 32 px" in table
+    assert table.endswith(f": {workers_per_gpu(report['training_transform_images_per_s'], 1e9)}")
+
+
+def test_workers_per_gpu_rounds_up():
+    assert workers_per_gpu(100.0, 3493.0) == 35
+    assert workers_per_gpu(3493.0, 3493.0) == 1

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import copy
 import ctypes
+import math
 import multiprocessing
 import re
 import statistics
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .configuration_vit_custom import ViTCustomConfig, to_pair
@@ -33,6 +35,9 @@ from .onnx_export import ONNX_FILE, cpu_session, quantize_int8, write_onnx_graph
 
 # A contender's dtype -> the autocast dtype it runs under; "int8" is an inference runtime's own quantised arithmetic.
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": None}
+# The training images/s the data loaders must feed by default: ViT-B/16, bf16, batch 256, compiled, on an H200 (the
+# README's GPU table).
+GPU_TRAINING_IMAGES_PER_S = 3493.0
 # The dtypes whose large-matmul ceiling a run measures; an int8 contender's share of a float ceiling would mislead.
 CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -505,6 +510,81 @@ def run_benchmark(
     if profile:
         report["profile"] = profile_by_op_group(runners, device)
     return report
+
+
+def training_transform_throughput(
+    num_images: int = 64, image_size: int = 224, batch_size: int = 32, rounds: int = 5
+) -> dict:
+    """Images/s that one data-loader worker delivers: the training path of both loops (JPEG decode by `datasets`,
+    random resized crop and resize in one PIL call, normalisation by the image processor), measured on
+    scikit-learn's two sample photos (640x427 JPEGs) repeated to `num_images`, in this process and thread.
+
+    Also times the decode alone, which bounds what a faster crop or normalisation could gain. Medians of `rounds`.
+    """
+    import datasets
+    import sklearn.datasets
+    from transformers import ViTImageProcessorPil
+
+    from .data import ImageClassificationTransform, PerExampleSeededDataset
+
+    photos = sorted(str(path) for path in (Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
+    files = [photos[index % len(photos)] for index in range(num_images)]
+    split = datasets.Dataset.from_dict(
+        {"image": files, "label": [0] * num_images},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["photo"])}),
+    )
+    processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
+    transform = ImageClassificationTransform(processor, num_channels=3, train=True, crop_scale=(0.08, 1.0))
+    dataset = PerExampleSeededDataset(split, transform, seed=0)
+    batches = [list(range(start, min(start + batch_size, num_images))) for start in range(0, num_images, batch_size)]
+
+    def per_second(step: Callable[[list[int]], object]) -> float:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for batch in batches:
+                step(batch)
+            times.append(time.perf_counter() - start)
+        return num_images / statistics.median(times)
+
+    with _torch_threads(1):
+        decode = per_second(lambda batch: [image.convert("RGB") for image in split[batch]["image"]])
+        full = per_second(dataset.__getitems__)
+    return {
+        "photo_size": list(Image.open(photos[0]).size),
+        "image_size": image_size,
+        "decode_images_per_s": decode,
+        "training_transform_images_per_s": full,
+        "rounds": rounds,
+    }
+
+
+def workers_per_gpu(transform_images_per_s: float, training_images_per_s: float) -> int:
+    """Data-loader workers that keep a GPU training at `training_images_per_s` fed, one worker per process."""
+    return math.ceil(training_images_per_s / transform_images_per_s)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)  # a data-loader worker runs one thread
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def data_table(report: dict, gpu_training_images_per_s: float) -> str:
+    workers = workers_per_gpu(report["training_transform_images_per_s"], gpu_training_images_per_s)
+    width, height = report["photo_size"]
+    return (
+        f"Training transform, one worker (1 thread), {width}x{height} JPEGs to {report['image_size']} px, median of "
+        f"{report['rounds']} rounds\n\n"
+        "| stage | images/s per worker |\n|---|---|\n"
+        f"| JPEG decode | {report['decode_images_per_s']:.1f} |\n"
+        f"| decode + random resized crop + normalise | {report['training_transform_images_per_s']:.1f} |\n\n"
+        f"Workers one GPU needs at {gpu_training_images_per_s:,.0f} training images/s: {workers}"
+    )
 
 
 def markdown_table(report: dict) -> str:
