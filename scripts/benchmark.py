@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from hf_vit_custom.benchmark import (
-    GPU_TRAINING_IMAGES_PER_S,
     build_contenders,
     count_graph_breaks,
     data_table,
@@ -32,6 +31,7 @@ from hf_vit_custom.benchmark import (
 )
 from hf_vit_custom.cli import raise_usage_errors, run
 from hf_vit_custom.configuration_vit_custom import ViTCustomConfig
+from hf_vit_custom.training import GPU_TRAINING_IMAGES_PER_S
 
 
 def main(args: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Trainer path end to end: the library's `train`, the script, checkpoints, accumulation and two processes."""
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -350,3 +351,16 @@ def test_early_stopping_ends_training_when_accuracy_stops_improving(tmp_path):
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["epoch"] == 2.0
     assert len([entry for entry in state["log_history"] if "eval_accuracy" in entry]) == 2
+
+
+def test_default_workers_feed_a_gpu_within_each_process_share_of_the_cpus(monkeypatch):
+    from hf_vit_custom.training import default_dataloader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_dataloader_workers(use_cpu=False) == 19  # ceil(3493 / 185): the GPU's rate, not the 63 CPUs left
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_dataloader_workers(use_cpu=False) == 7  # 8 CPUs per process, one for the process itself
+    assert default_dataloader_workers(use_cpu=True) == 0
+    assert ViTTrainingArguments(output_dir="unused", use_cpu=True).dataloader_num_workers == 0
+    assert ViTTrainingArguments(output_dir="unused", dataloader_num_workers=3).dataloader_num_workers == 3

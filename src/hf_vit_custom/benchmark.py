@@ -35,9 +35,6 @@ from .onnx_export import ONNX_FILE, cpu_session, quantize_int8, write_onnx_graph
 
 # A contender's dtype -> the autocast dtype it runs under; "int8" is an inference runtime's own quantised arithmetic.
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": None}
-# The training images/s the data loaders must feed by default: ViT-B/16, bf16, batch 256, compiled, on an H200 (the
-# README's GPU table).
-GPU_TRAINING_IMAGES_PER_S = 3493.0
 # The dtypes whose large-matmul ceiling a run measures; an int8 contender's share of a float ceiling would mislead.
 CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -88,6 +88,12 @@ DIGITS_CONFIG = {
 }
 # Trained from scratch on anything else unless `--config_name` says otherwise.
 DEFAULT_PRESET = "vit-tiny-patch16-224"
+# The training images/s the data loaders must feed on a GPU: ViT-B/16, bf16, batch 256, compiled, on an H200 (the
+# README's GPU table).
+GPU_TRAINING_IMAGES_PER_S = 3493.0
+# One data-loader worker's training-transform rate, `scripts/benchmark.py --data` on a 2-core AMD EPYC (185 images/s
+# at 224 px from 640x427 JPEGs); sets how many workers a GPU gets by default.
+TRANSFORM_IMAGES_PER_S_PER_WORKER = 185.0
 # Hyper-parameters the model card lists.
 HUB_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay", "seed")
 # Learned tokens that act like embeddings: decaying them towards zero only erases what they encode (timm's
@@ -238,6 +244,15 @@ class ViTTrainingArguments(TrainingArguments):
         },
     )
 
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Data-loader worker processes per training process. Default: on a GPU, the workers that feed "
+            "it at the README's H200 rate, bounded by this process's share of the CPUs; on a CPU, 0 (the training "
+            "needs the cores)."
+        },
+    )
+
     # The model has no unused parameters (every module takes part in the forward), so DDP can skip the search.
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's unused-parameter search."})
 
@@ -253,6 +268,8 @@ class ViTTrainingArguments(TrainingArguments):
         # (parallel_mode stays NOT_PARALLEL); `use_cpu` makes them a real DDP group over gloo.
         if not self.use_cpu and not torch.accelerator.is_available():
             self.use_cpu = True
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = default_dataloader_workers(self.use_cpu)
         if self.early_stopping_patience is not None:
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "accuracy"
@@ -285,6 +302,17 @@ class ViTTrainingArguments(TrainingArguments):
                 f"Nothing would be trained: `--num_train_epochs` is {self.num_train_epochs} and `--max_steps` is "
                 f"{self.max_steps}; give a positive number of epochs (or steps)."
             )
+
+
+def default_dataloader_workers(use_cpu: bool) -> int:
+    """0 on a CPU; on a GPU, enough one-thread workers for `GPU_TRAINING_IMAGES_PER_S` at the training transform's
+    rate per worker (`TRANSFORM_IMAGES_PER_S_PER_WORKER`), bounded by this process's share of the CPUs (one CPU
+    left to the training process itself)."""
+    if use_cpu:
+        return 0
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus_per_process = len(os.sched_getaffinity(0)) // max(processes_here, 1)
+    return max(min(math.ceil(GPU_TRAINING_IMAGES_PER_S / TRANSFORM_IMAGES_PER_S_PER_WORKER), cpus_per_process - 1), 0)
 
 
 def parse_arguments(dataclass_types: tuple[type, ...], args: list[str]) -> tuple:
