@@ -250,3 +250,10 @@ def test_every_recipe_trains_and_a_resumed_run_ends_with_the_same_average(tmp_pa
         assert full.keys() == resumed.keys()
         for name in full:
             assert torch.equal(full[name], resumed[name]), (folder, name)
+
+
+def test_the_output_room_check_counts_the_average_in_every_checkpoint_and_the_final_folder():
+    from hf_vit_custom.persistence import training_footprint
+
+    without, with_average = training_footprint(1000, 2), training_footprint(1000, 2, weight_average=True)
+    assert with_average - without == 4 * 1000 * (2 + 1 + 1)  # two kept, one being written, and `ema/`

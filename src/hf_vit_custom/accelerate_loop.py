@@ -236,7 +236,9 @@ def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, 
     except (OSError, RuntimeError) as error:  # a checkpoint stopped by a full disk was dropped with its staging folder
         if run is None:
             raise
-        needed = training_footprint(sum(p.numel() for p in run.model.parameters()), args.save_total_limit)
+        needed = training_footprint(
+            sum(p.numel() for p in run.model.parameters()), args.save_total_limit, args.ema_decay is not None
+        )
         if (full_disk := full_disk_error(error, args.output_dir, needed)) is None:
             raise
         raise full_disk from error
@@ -328,7 +330,7 @@ def _check_room(run: _Run) -> None:
     }.get(args.save_strategy, 0)
     kept = written if args.save_total_limit is None else min(written, args.save_total_limit)
     num_parameters = run.accelerator.unwrap_model(run.model).num_parameters()
-    check_output_folder(args.output_dir, training_footprint(num_parameters, kept))
+    check_output_folder(args.output_dir, training_footprint(num_parameters, kept, args.ema_decay is not None))
 
 
 def _set_verbosity(accelerator: Accelerator) -> None:

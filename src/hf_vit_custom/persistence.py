@@ -99,13 +99,15 @@ def full_disk_error(error: BaseException, output_dir: str | os.PathLike, needed_
     )
 
 
-def training_footprint(num_parameters: int, checkpoints_kept: int | None) -> int:
-    """Bytes a run writes, roughly: fp32 weights plus two AdamW moments per checkpoint kept, and the final model.
+def training_footprint(num_parameters: int, checkpoints_kept: int | None, weight_average: bool = False) -> int:
+    """Bytes a run writes, roughly: fp32 weights plus two AdamW moments per checkpoint kept, and the final model;
+    a `weight_average` (`--ema_decay`) adds a copy of the weights to each.
 
     `checkpoints_kept=None` means no limit is known; one checkpoint is counted, plus one being written.
     """
-    checkpoint_bytes = 3 * 4 * num_parameters
-    return ((checkpoints_kept if checkpoints_kept is not None else 1) + 1) * checkpoint_bytes + 4 * num_parameters
+    weights_bytes = (2 if weight_average else 1) * 4 * num_parameters
+    checkpoint_bytes = weights_bytes + 2 * 4 * num_parameters
+    return ((checkpoints_kept if checkpoints_kept is not None else 1) + 1) * checkpoint_bytes + weights_bytes
 
 
 def _no_one_to_wait_for() -> None:

@@ -736,7 +736,9 @@ def prepare_output_folder(model: PreTrainedModel, training_args: TrainingArgumen
     """Before `Trainer` is built (it creates the folder): check that the output folder can take the run's model and
     checkpoints, and clear away the half-written checkpoint a killed run may have left."""
     if training_args.should_save:
-        footprint = training_footprint(model.num_parameters(), training_args.save_total_limit)
+        footprint = training_footprint(
+            model.num_parameters(), training_args.save_total_limit, training_args.ema_decay is not None
+        )
         check_output_folder(training_args.output_dir, footprint)
         discard_incomplete_checkpoints(training_args.output_dir, TRAINER_CHECKPOINTS)
 
@@ -753,7 +755,9 @@ def run_trainer(trainer: Trainer, training_args: TrainingArguments):
     try:
         return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except (OSError, RuntimeError) as error:
-        needed = training_footprint(trainer.model.num_parameters(), training_args.save_total_limit)
+        needed = training_footprint(
+            trainer.model.num_parameters(), training_args.save_total_limit, training_args.ema_decay is not None
+        )
         if (full_disk := full_disk_error(error, output_dir, needed)) is None:
             raise
         if training_args.should_save:
