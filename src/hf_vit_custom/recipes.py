@@ -81,7 +81,7 @@ class MixupCutmix:
     def __call__(
         self, pixel_values: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mix a batch (in place of nothing: new tensors) and return `(pixel_values, soft_labels)`."""
+        """Mix a batch into new tensors and return `(pixel_values, soft_labels)`."""
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < self.switch_probability)
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
         share = float(rng.beta(alpha, alpha))  # of the image itself; the rest comes from its partner
