@@ -257,3 +257,14 @@ def test_the_output_room_check_counts_the_average_in_every_checkpoint_and_the_fi
 
     without, with_average = training_footprint(1000, 2), training_footprint(1000, 2, weight_average=True)
     assert with_average - without == 4 * 1000 * (2 + 1 + 1)  # two kept, one being written, and `ema/`
+
+
+def test_resuming_from_a_checkpoint_without_an_average_starts_one_from_its_weights(tmp_path, caplog):
+    model = tiny_model()
+    average = WeightAverage(tiny_model(num_labels=5), decay=0.9)
+    with torch.no_grad():
+        average.module.classifier.weight.add_(1.0)
+    with caplog.at_level("WARNING", logger="hf_vit_custom.recipes"):
+        average.resume(tmp_path, model)
+    assert "holds no weight average" in caplog.text
+    assert torch.equal(average.module.classifier.weight, model.classifier.weight)

@@ -66,8 +66,6 @@ from .training import (
     plot_training_curve,
     prepare_data_and_model,
     reload_and_predict,
-    resume_weight_average,
-    save_weight_average,
 )
 
 logger = get_logger(__name__)
@@ -395,7 +393,7 @@ def _resume(run: _Run) -> None:
     progress.load(checkpoint)
     run.accelerator.load_state(str(checkpoint))
     if run.weight_average is not None:
-        resume_weight_average(run.weight_average, checkpoint, run.accelerator.unwrap_model(run.model))
+        run.weight_average.resume(checkpoint, run.accelerator.unwrap_model(run.model))
     logger.info(
         "Resumed from %s: step %d, epoch %d after batch %d",
         checkpoint,
@@ -563,7 +561,7 @@ def _finish(run: _Run, data_args: DataArguments) -> dict:
             metrics.update(_prefixed(prefix, evaluate(run.model, run.eval_dataloaders[split], accelerator)))
     if run.weight_average is not None:
         if accelerator.is_main_process:
-            save_weight_average(run.weight_average, run.image_processor, args.output_dir)
+            run.weight_average.save_model_folder(args.output_dir, run.image_processor)
         with weights_of(accelerator.unwrap_model(run.model), run.weight_average.module):
             for split, prefix in (("validation", "ema_eval"), ("test", "ema_test")):
                 if split in run.eval_dataloaders:

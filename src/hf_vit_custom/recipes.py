@@ -10,6 +10,7 @@ package must not need.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+logger = logging.getLogger(__name__)
 
 # The batch key that carries the mixed targets, (batch, num_labels) probabilities; `labels` keep the class indices.
 SOFT_LABELS = "soft_labels"
@@ -161,6 +164,20 @@ class WeightAverage:
         """Start the average afresh at `model`'s weights (a checkpoint saved without one)."""
         self.module.load_state_dict(model.state_dict())
         self.averaged.n_averaged.zero_()
+
+    def resume(self, checkpoint: str | Path, model: torch.nn.Module) -> None:
+        """Load the average a checkpoint kept; one saved without an average starts it afresh, with a warning."""
+        if (Path(checkpoint) / EMA_CHECKPOINT_FILE).is_file():
+            self.load(checkpoint)
+        else:
+            logger.warning("%s holds no weight average: `--ema_decay` starts one from its weights.", checkpoint)
+            self.restart_from(model)
+
+    def save_model_folder(self, output_dir: str | Path, image_processor) -> None:
+        """The average as a model folder of its own, `output_dir/ema`, loadable like the trained model."""
+        folder = Path(output_dir) / EMA_FOLDER
+        self.module.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
 
 
 @contextmanager

@@ -55,8 +55,6 @@ from .persistence import (
     training_footprint,
 )
 from .recipes import (
-    EMA_CHECKPOINT_FILE,
-    EMA_FOLDER,
     SOFT_LABELS,
     MixupCutmix,
     WeightAverage,
@@ -311,7 +309,9 @@ def default_dataloader_workers(use_cpu: bool) -> int:
     if use_cpu:
         return 0
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cpus_per_process = len(os.sched_getaffinity(0)) // max(processes_here, 1)
+    # The CPUs this process may run on (a container's or `taskset`'s share); macOS has no affinity, only a count.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus_per_process = cpus // max(processes_here, 1)
     return max(min(math.ceil(GPU_TRAINING_IMAGES_PER_S / TRANSFORM_IMAGES_PER_S_PER_WORKER), cpus_per_process - 1), 0)
 
 
@@ -437,7 +437,7 @@ class ViTTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.weight_average is not None and checkpoint is not None:
-            resume_weight_average(self.weight_average, checkpoint, self.model)
+            self.weight_average.resume(checkpoint, self.model)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Evaluate without touching the global random generator that dropout and stochastic depth draw from.
@@ -449,15 +449,6 @@ class ViTTrainer(Trainer):
         accelerators = [] if device.type == "cpu" else [device.index or 0]  # the CPU generator is always forked
         with torch.random.fork_rng(devices=accelerators, device_type=device.type):
             return super().evaluate(*args, **kwargs)
-
-
-def resume_weight_average(average: WeightAverage, checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Load the average a checkpoint kept; one saved without an average starts it afresh, with a warning."""
-    if (Path(checkpoint) / EMA_CHECKPOINT_FILE).is_file():
-        average.load(checkpoint)
-    else:
-        logger.warning("%s holds no weight average: `--ema_decay` starts one from its weights.", checkpoint)
-        average.restart_from(model)
 
 
 def resolve_config(model_args: ModelArguments, uses_default_data: bool, **fields) -> ViTCustomConfig:
@@ -795,7 +786,7 @@ def train_save_and_evaluate(trainer: Trainer, training_args: TrainingArguments, 
         metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
     if trainer.weight_average is not None:
         if trainer.is_world_process_zero():
-            save_weight_average(trainer.weight_average, trainer.processing_class, training_args.output_dir)
+            trainer.weight_average.save_model_folder(training_args.output_dir, trainer.processing_class)
         with weights_of(trainer.model, trainer.weight_average.module):
             metrics.update(trainer.evaluate(metric_key_prefix="ema_eval"))
             if test_dataset is not None:
@@ -803,13 +794,6 @@ def train_save_and_evaluate(trainer: Trainer, training_args: TrainingArguments, 
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics, combined=False)
     return metrics
-
-
-def save_weight_average(average: WeightAverage, image_processor, output_dir: str | os.PathLike) -> None:
-    """The weight average as a model folder of its own, `output_dir/ema`, loadable like the trained model."""
-    folder = Path(output_dir) / EMA_FOLDER
-    average.module.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
 
 
 def run_script(dataclass_types: tuple[type, ...], run, report, args: list[str] | None = None) -> dict:
