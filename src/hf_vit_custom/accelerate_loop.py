@@ -34,7 +34,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, send_to_device, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import BaseImageProcessor, Trainer, get_scheduler
@@ -57,11 +57,13 @@ from .persistence import (
     write_folder_atomically,
 )
 from .recipes import WeightAverage, training_loss, weights_of
+from .streaming import STREAM_STATE_FILE, StreamedTrainingSet, streamed_data_loader
 from .training import (
     HUB_HYPERPARAMETERS,
     DataArguments,
     ModelArguments,
     ViTTrainingArguments,
+    load_stream_state,
     optimizer_parameter_groups,
     plot_training_curve,
     prepare_data_and_model,
@@ -79,14 +81,15 @@ PROGRESS_NAME = ACCELERATE_CHECKPOINTS.last_file
 class AccelerateArguments(ViTTrainingArguments):
     """`ViTTrainingArguments` for the Accelerate loop: every setting is declared there; only the output folder differs.
 
-    The loop reads `seed` (`data_seed`), `num_train_epochs` (whole epochs), the batch sizes,
-    `gradient_accumulation_steps`, `optim` with `learning_rate`, `weight_decay` and the Adam fields (through
-    Trainer's optimiser factory), `lr_scheduler_type`, `lr_scheduler_kwargs`, `warmup_steps`, `max_grad_norm`,
-    `bf16` / `fp16` (else the launcher's precision), `save_strategy` (`no`, `steps` or `epoch`), `save_steps`,
-    `save_total_limit`, `resume_from_checkpoint`, `logging_steps`, `report_to`, `push_to_hub`, `hub_model_id`,
-    `hub_private_repo`, `accelerator_config`'s `use_seedable_sampler`, `dataloader_num_workers`,
+    The loop reads `seed` (`data_seed`), `num_train_epochs` (whole epochs; `max_steps` with `--streaming`), the
+    batch sizes, `gradient_accumulation_steps`, `optim` with `learning_rate`, `weight_decay` and the Adam fields
+    (through Trainer's optimiser factory), `lr_scheduler_type`, `lr_scheduler_kwargs`, `warmup_steps`,
+    `max_grad_norm`, `bf16` / `fp16` (else the launcher's precision), `save_strategy` (`no`, `steps` or `epoch`),
+    `save_steps`, `save_total_limit`, `resume_from_checkpoint`, `logging_steps`, `report_to`, `push_to_hub`,
+    `hub_model_id`, `hub_private_repo`, `accelerator_config`'s `use_seedable_sampler`, `dataloader_num_workers`,
     `dataloader_drop_last`, `disable_tqdm`, `use_cpu`, `num_demo_predictions` and the recipes (`layer_decay`,
-    `mixup_alpha`, `cutmix_alpha`, `label_smoothing_factor`, `ema_decay`); it evaluates after every epoch.
+    `mixup_alpha`, `cutmix_alpha`, `label_smoothing_factor`, `ema_decay`); it evaluates after every epoch (a streamed
+    run: after its last step).
     """
 
     output_dir: str | None = field(
@@ -101,8 +104,6 @@ class AccelerateArguments(ViTTrainingArguments):
             raise ValueError(
                 f"`num_train_epochs` must be a whole number in the Accelerate loop, got {self.num_train_epochs}."
             )
-        if self.max_steps > 0:
-            raise ValueError("The Accelerate loop trains whole epochs: set `num_train_epochs`, not `max_steps`.")
         if self.save_strategy not in (SaveStrategy.NO, SaveStrategy.STEPS, SaveStrategy.EPOCH):
             raise ValueError(
                 f"`save_strategy` must be no, steps or epoch in the Accelerate loop, got {self.save_strategy}."
@@ -154,8 +155,8 @@ class _Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    train_dataset: PerExampleSeededDataset
-    train_dataloader: DataLoader
+    train_dataset: PerExampleSeededDataset | StreamedTrainingSet
+    train_dataloader: DataLoader  # for a stream, torchdata's `StatefulDataLoader`, which Accelerate does not wrap
     eval_dataloaders: dict[str, DataLoader]
     image_processor: BaseImageProcessor
     demo_images: datasets.Dataset  # untransformed, for the demo
@@ -168,6 +169,10 @@ class _Run:
     progress_bar: Any = None
     start_time: float = 0.0
     start_step: int = 0
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train_dataset, StreamedTrainingSet)
 
 
 def evaluate(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
@@ -228,8 +233,11 @@ def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, 
             ),
         )
         run = _set_up(accelerator, model_args, data_args, args)
-        for epoch in range(run.progress.epoch, int(args.num_train_epochs)):
-            _train_epoch(run, epoch)
+        if run.streamed:
+            _train_stream(run)
+        else:
+            for epoch in range(run.progress.epoch, int(args.num_train_epochs)):
+                _train_epoch(run, epoch)
         return _finish(run, data_args)
     except (OSError, RuntimeError) as error:  # a checkpoint stopped by a full disk was dropped with its staging folder
         if run is None:
@@ -260,6 +268,11 @@ def _set_up(
     """Everything before the first step: checks, data and model (as in the Trainer path), optimiser and schedule,
     trackers, and the state of the checkpoint resumed from."""
     _set_verbosity(accelerator)
+    if args.max_steps > 0 and not data_args.streaming:
+        raise ValueError(
+            "The Accelerate loop trains whole epochs: set `num_train_epochs`, not `max_steps` (which is for "
+            "`--streaming`)."
+        )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # e.g. from `accelerate launch`
         logger.warning("Accelerate does not apply fp16 mixed precision on a CPU: this run trains in float32.")
     set_seed(args.seed)
@@ -271,14 +284,24 @@ def _set_up(
         prepared = prepare_data_and_model(model_args, data_args, args, checkpoint_scheme=ACCELERATE_CHECKPOINTS)
     inputs = prepared.model_inputs(args.seed)
     eval_splits = [split for split in ("validation", "test") if split in inputs]
-    model, optimizer, train_dataloader, *eval_dataloaders = accelerator.prepare(  # together: FSDP needs both
-        prepared.model,
-        _optimizer(prepared.model, args),
-        _data_loader(inputs["train"], args, train=True),
-        *(_data_loader(inputs[split], args, train=False) for split in eval_splits),
-    )
-    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.gradient_accumulation_steps)
-    max_train_steps = int(args.num_train_epochs) * updates_per_epoch
+    if data_args.streaming:
+        # Every process reads its own part of the stream: Accelerate would have one read and send out all batches.
+        train_dataloader = streamed_data_loader(inputs["train"], args.dataloader_num_workers)
+        model, optimizer, *eval_dataloaders = accelerator.prepare(  # together: FSDP needs both
+            prepared.model,
+            _optimizer(prepared.model, args),
+            *(_data_loader(inputs[split], args, train=False) for split in eval_splits),
+        )
+        max_train_steps = args.max_steps
+    else:
+        model, optimizer, train_dataloader, *eval_dataloaders = accelerator.prepare(  # together: FSDP needs both
+            prepared.model,
+            _optimizer(prepared.model, args),
+            _data_loader(inputs["train"], args, train=True),
+            *(_data_loader(inputs[split], args, train=False) for split in eval_splits),
+        )
+        updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.gradient_accumulation_steps)
+        max_train_steps = int(args.num_train_epochs) * updates_per_epoch
     lr_scheduler = accelerator.prepare(_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes))
     save_interval = _interval(args.save_steps, max_train_steps) if args.save_strategy == SaveStrategy.STEPS else None
     raw_test = prepared.splits.get("test", prepared.splits["validation"])
@@ -392,6 +415,8 @@ def _resume(run: _Run) -> None:
     check_checkpoint_fits(checkpoint, run.accelerator.unwrap_model(run.model))
     progress.load(checkpoint)
     run.accelerator.load_state(str(checkpoint))
+    if run.streamed:
+        load_stream_state(run.train_dataloader, checkpoint, run.accelerator.process_index)
     if run.weight_average is not None:
         run.weight_average.resume(checkpoint, run.accelerator.unwrap_model(run.model))
     logger.info(
@@ -401,17 +426,16 @@ def _resume(run: _Run) -> None:
         progress.epoch,
         progress.batches_in_epoch,
     )
-    if progress.batches_in_epoch >= len(run.train_dataloader):  # saved at the end of an epoch
+    if not run.streamed and progress.batches_in_epoch >= len(run.train_dataloader):  # saved at the end of an epoch
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
 
 def _start_progress_bar(run: _Run) -> None:
     args, accelerator = run.args, run.accelerator
     logger.info(
-        "Training %d examples for %d epochs: %d optimiser steps of %d examples (%d per process x %d processes x %d "
-        "accumulated)",
-        len(run.train_dataset),
-        args.num_train_epochs,
+        "Training %s for %s: %d optimiser steps of %d examples (%d per process x %d processes x %d accumulated)",
+        "a stream" if run.streamed else f"{len(run.train_dataset)} examples",
+        "its steps" if run.streamed else f"{args.num_train_epochs:g} epochs",
         run.max_train_steps,
         _total_batch_size(run),
         args.per_device_train_batch_size,
@@ -456,6 +480,25 @@ def _train_epoch(run: _Run, epoch: int) -> None:
         _save_checkpoint(run)
 
 
+def _train_stream(run: _Run) -> None:
+    """`max_train_steps` optimiser steps over the endless batches of a stream (continued where the checkpoint left
+    it, when resuming), then the validation."""
+    accelerator, progress = run.accelerator, run.progress
+    run.model.train()
+    window = LossWindow(accelerator.device)
+    for batch in run.train_dataloader:
+        if progress.completed_steps >= run.max_train_steps:
+            break
+        grad_norm = _train_step(run, send_to_device(batch, accelerator.device), window)
+        progress.batches_in_epoch += 1
+        if accelerator.sync_gradients:
+            _after_optimizer_step(run, 0, window, grad_norm)
+    _flush_loss(run, window)
+    validation = evaluate(run.model, run.eval_dataloaders["validation"], accelerator)
+    _log(run, _prefixed("eval", validation))
+    logger.info("Step %d: validation loss %.4f", progress.completed_steps, validation["loss"])
+
+
 def _train_step(run: _Run, batch: dict[str, torch.Tensor], window: LossWindow) -> torch.Tensor | None:
     """Forward and backward; once the accumulated gradients are synced, clip them and step. Returns the clipped
     gradient norm, if any."""
@@ -487,8 +530,9 @@ def _after_optimizer_step(run: _Run, epoch: int, window: LossWindow, grad_norm: 
         entry = {
             "loss": progress.window_loss_sum / progress.window_batches,
             "learning_rate": run.lr_scheduler.get_last_lr()[0],
-            "epoch": epoch + progress.batches_in_epoch / len(run.train_dataloader),
         }
+        if not run.streamed:  # a stream has no epochs
+            entry["epoch"] = epoch + progress.batches_in_epoch / len(run.train_dataloader)
         if grad_norm is not None:
             entry["grad_norm"] = float(grad_norm)
         _log(run, entry)
@@ -533,6 +577,9 @@ def _save_checkpoint(run: _Run) -> None:
 
 def _write_checkpoint(run: _Run, staging: Path) -> None:
     run.accelerator.save_state(str(staging))  # model, optimiser, scheduler and RNG states
+    if run.streamed:  # every process: each reads its own part of the stream
+        path = staging / STREAM_STATE_FILE.format(process_index=run.accelerator.process_index)
+        torch.save(run.train_dataloader.state_dict(), path)
     if run.accelerator.is_main_process:
         if run.weight_average is not None:
             run.weight_average.save(staging)
@@ -553,9 +600,10 @@ def _finish(run: _Run, data_args: DataArguments) -> dict:
         "train_samples_per_second": round(steps_run * _total_batch_size(run) / runtime, 3),
         "train_steps_per_second": round(steps_run / runtime, 3),
         "train_steps": progress.completed_steps,
-        "epoch": float(args.num_train_epochs),
         "world_size": accelerator.num_processes,
     }
+    if not run.streamed:
+        metrics["epoch"] = float(args.num_train_epochs)
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if split in run.eval_dataloaders:
             metrics.update(_prefixed(prefix, evaluate(run.model, run.eval_dataloaders[split], accelerator)))

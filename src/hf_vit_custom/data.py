@@ -720,8 +720,13 @@ class PerExampleSeededDataset(torch.utils.data.Dataset):
         return [{name: value[position] for name, value in transformed.items()} for position in range(len(indices))]
 
     def example_seed(self, index: int) -> int:
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
-        return int(state) & (2**63 - 1)
+        return seed_from(self.seed, self.epoch, index)
+
+
+def seed_from(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (numpy's `SeedSequence` hashes them all): a generator seeded with it
+    draws alike whenever the same keys come again, e.g. in a resumed run."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

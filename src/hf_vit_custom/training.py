@@ -63,6 +63,13 @@ from .recipes import (
     soft_target_cross_entropy,
     weights_of,
 )
+from .streaming import (
+    STREAM_STATE_FILE,
+    StreamedTrainingSet,
+    load_streamed_splits,
+    split_for_process,
+    streamed_data_loader,
+)
 from .visualize import save_attention_grid
 
 logger = logging.getLogger(__name__)
@@ -174,6 +181,17 @@ class DataArguments:
     )
     min_crop_scale: float = field(
         default=0.7, metadata={"help": "Smallest area share kept by the random resized crop (1.0 disables it)."}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training split of `--dataset_name` (a Hub id, or a folder of Parquet or WebDataset "
+            ".tar shards) instead of caching it; trains for `--max_steps`. The evaluation splits are read into memory."
+        },
+    )
+    shuffle_block_size: int = field(
+        default=1000,
+        metadata={"help": "--streaming: examples shuffled together (in blocks, so that a resumed run is exact)."},
     )
 
 
@@ -401,6 +419,7 @@ class ViTTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.stream_loader = None
         self.weight_average = None
         if self.args.ema_decay is not None:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # enabled by `accelerate launch`'s config
@@ -428,16 +447,33 @@ class ViTTrainer(Trainer):
         loss = soft_target_cross_entropy(outputs.logits, inputs[SOFT_LABELS])
         return (loss, outputs) if return_outputs else loss
 
+    def get_train_dataloader(self):
+        """A streamed training set gets a stateful loader of its own, not prepared by Accelerate: every process
+        already reads its own part of the stream (Accelerate would have one process read and send out all batches),
+        and its state goes into the checkpoints (`_save_optimizer_and_scheduler`)."""
+        if not isinstance(self.train_dataset, StreamedTrainingSet):
+            return super().get_train_dataloader()
+        self.stream_loader = streamed_data_loader(
+            self.train_dataset, self.args.dataloader_num_workers, self.args.dataloader_pin_memory
+        )
+        return self.stream_loader
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # Before `trainer_state.json`, the file that marks a checkpoint complete.
         super()._save_optimizer_and_scheduler(output_dir)
         if self.weight_average is not None and self.args.should_save:
             self.weight_average.save(output_dir)
+        if self.stream_loader is not None:  # every process: each reads its own part of the stream
+            os.makedirs(output_dir, exist_ok=True)  # the main process may not have made it yet (as for RNG states)
+            path = Path(output_dir) / STREAM_STATE_FILE.format(process_index=self.args.process_index)
+            torch.save(self.stream_loader.state_dict(), path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.weight_average is not None and checkpoint is not None:
             self.weight_average.resume(checkpoint, self.model)
+        if self.stream_loader is not None and checkpoint is not None:
+            load_stream_state(self.stream_loader, checkpoint, self.args.process_index)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Evaluate without touching the global random generator that dropout and stochastic depth draw from.
@@ -449,6 +485,17 @@ class ViTTrainer(Trainer):
         accelerators = [] if device.type == "cpu" else [device.index or 0]  # the CPU generator is always forked
         with torch.random.fork_rng(devices=accelerators, device_type=device.type):
             return super().evaluate(*args, **kwargs)
+
+
+def load_stream_state(loader, checkpoint: str | os.PathLike, process_index: int) -> None:
+    """Put a streamed run's data loader where `checkpoint` left this process's part of the stream."""
+    path = Path(checkpoint) / STREAM_STATE_FILE.format(process_index=process_index)
+    if not path.is_file():
+        raise ValueError(
+            f"The checkpoint {str(checkpoint)!r} has no {path.name}: it was not saved by a streamed run with this "
+            "process count, so where the stream stood is unknown."
+        )
+    loader.load_state_dict(torch.load(path, weights_only=True))
 
 
 def resolve_config(model_args: ModelArguments, uses_default_data: bool, **fields) -> ViTCustomConfig:
@@ -613,12 +660,15 @@ class PreparedData:
     train_transform: ImageClassificationTransform
     eval_transform: ImageClassificationTransform
     batch_mixer: MixupCutmix | None = None
+    streamed_train: StreamedTrainingSet | None = None  # `--streaming`: the training batches, in place of `splits`'
 
     def model_inputs(self, seed: int) -> dict[str, torch.utils.data.Dataset]:
         """The splits with their transforms attached, as `Trainer` takes them."""
         # Crops are seeded per example from (seed, epoch, index), so a run resumed from any checkpoint, even mid-epoch
         # where the data loader had already prefetched the next batch, draws exactly the crops of an uninterrupted run.
-        train = PerExampleSeededDataset(self.splits["train"], self.train_transform, seed, self.batch_mixer)
+        train = self.streamed_train or PerExampleSeededDataset(
+            self.splits["train"], self.train_transform, seed, self.batch_mixer
+        )
         datasets = {"train": train}
         for split in ("validation", "test"):
             if split in self.splits:
@@ -658,6 +708,25 @@ def check_before_loading_data(
         check_checkpoint_fits(checkpoint, model, ignore_prefixes=HEAD_PREFIXES)
     if labeled and data_args.train_dir and data_args.validation_dir and os.path.isdir(data_args.train_dir):
         check_same_classes(data_args.train_dir, data_args.validation_dir)
+    if data_args.streaming:
+        check_streaming_arguments(data_args, training_args, labeled)
+
+
+def check_streaming_arguments(data_args: DataArguments, training_args: ViTTrainingArguments, labeled: bool) -> None:
+    """`--streaming` needs a data set to stream, a length in steps, and step-based evaluation and checkpoints: a
+    stream has no epochs."""
+    if not labeled or data_args.dataset_name is None:
+        raise ValueError(
+            "`--streaming` streams the labelled data set of `--dataset_name` (a Hub id or a folder of Parquet / "
+            "WebDataset shards); image folders, the digits and pre-training are read without it."
+        )
+    if training_args.max_steps <= 0:
+        raise ValueError("A streamed run has no epochs to count: give its length with `--max_steps`.")
+    for name in ("eval_strategy", "save_strategy"):
+        if getattr(training_args, name) == "epoch":
+            raise ValueError(f"A stream has no epochs: with `--streaming`, set `--{name}` to steps (or no).")
+    if data_args.shuffle_block_size < 1:
+        raise ValueError(f"`--shuffle_block_size` must be at least 1, got {data_args.shuffle_block_size}.")
 
 
 def prepare_data_and_model(
@@ -677,6 +746,8 @@ def prepare_data_and_model(
     first.
     """
     check_before_loading_data(model_args, data_args, training_args, auto_class, checkpoint_scheme, labeled)
+    if data_args.streaming:
+        return _prepare_streamed_data_and_model(model_args, data_args, training_args)
     splits = build_datasets(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,
@@ -703,6 +774,13 @@ def prepare_data_and_model(
     for split, limit in limits.items():
         if limit is not None and split in splits:
             splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    return PreparedData(splits, model, image_processor, *_transforms(model, image_processor, data_args, training_args))
+
+
+def _transforms(
+    model: PreTrainedModel, image_processor, data_args: DataArguments, training_args: ViTTrainingArguments
+) -> tuple[ImageClassificationTransform, ImageClassificationTransform, MixupCutmix | None]:
+    """The training transform, the evaluation transform and the batch mixer (Mixup / CutMix, or None)."""
     num_channels = model.config.num_channels
     train_transform = ImageClassificationTransform(
         image_processor,
@@ -720,7 +798,40 @@ def prepare_data_and_model(
             cutmix_alpha=training_args.cutmix_alpha,
             label_smoothing=training_args.label_smoothing_factor,
         )
-    return PreparedData(splits, model, image_processor, train_transform, eval_transform, batch_mixer)
+    return train_transform, eval_transform, batch_mixer
+
+
+def _prepare_streamed_data_and_model(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ViTTrainingArguments
+) -> PreparedData:
+    """`prepare_data_and_model` for `--streaming`: the evaluation splits in memory, the training split as this
+    process's part of the stream, batched by `StreamedTrainingSet`."""
+    stream, splits = load_streamed_splits(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        max_eval_samples=data_args.max_eval_samples,
+        cache_dir=model_args.cache_dir,
+    )
+    id2label, _ = label_maps(splits["validation"])
+    model, image_processor = build_model_and_processor(model_args, False, id2label)
+    if training_args.use_cpu:
+        optimize_for_cpu(model)
+    if data_args.max_train_samples is not None:
+        stream = stream.take(data_args.max_train_samples)
+    train_transform, eval_transform, batch_mixer = _transforms(model, image_processor, data_args, training_args)
+    streamed_train = StreamedTrainingSet(
+        split_for_process(stream, training_args.process_index, training_args.world_size),
+        train_transform,
+        training_args.seed,
+        training_args.per_device_train_batch_size,
+        model.config.num_labels,
+        process_index=training_args.process_index,
+        shuffle_block_size=data_args.shuffle_block_size,
+        batch_mixer=batch_mixer,
+    )
+    return PreparedData(splits, model, image_processor, train_transform, eval_transform, batch_mixer, streamed_train)
 
 
 def prepare_output_folder(model: PreTrainedModel, training_args: TrainingArguments) -> None:
@@ -826,6 +937,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: V
     raw_test = splits.get("test", splits["validation"])  # the demo shows untransformed images
     datasets = prepared.model_inputs(training_args.seed)
     prepare_output_folder(model, training_args)
+    if data_args.streaming:  # the loader's own state resumes the stream: Trainer must not also skip batches
+        training_args.ignore_data_skip = True
 
     trainer = ViTTrainer(
         model=model,
