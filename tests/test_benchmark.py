@@ -215,13 +215,15 @@ def test_run_benchmark_profiles_both_passes_of_every_contender_on_request():
 
 
 def test_the_data_benchmark_times_the_training_transform_on_the_sample_photos():
-    report = training_transform_throughput(num_images=4, image_size=32, batch_size=2, rounds=1)
+    report = training_transform_throughput(num_images=4, image_size=32, batch_size=2, rounds=1, photo_scales=(1, 2))
     assert report["photo_size"] == [640, 427]
-    assert report["training_transform_images_per_s"] > 0
-    assert report["decode_images_per_s"] > 0
+    assert [row["photo_size"] for row in report["rows"]] == [[640, 427], [1280, 854]]
+    for row in report["rows"]:
+        for stage in ("decode", "full_decode_transform", "training_transform"):
+            assert row[f"{stage}_images_per_s"] > 0
     table = data_table(report, gpu_training_images_per_s=1e9)
-    assert "640x427 JPEGs to 32 px" in table
-    assert table.endswith(f": {workers_per_gpu(report['training_transform_images_per_s'], 1e9)}")
+    assert "JPEGs to 32 px" in table and "| 1280x854 |" in table
+    assert table.endswith(f"(640x427): {workers_per_gpu(report['training_transform_images_per_s'], 1e9)}")
 
 
 def test_workers_per_gpu_rounds_up():

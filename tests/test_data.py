@@ -19,6 +19,7 @@ from transformers.image_utils import load_image
 from hf_vit_custom.data import (
     ImageClassificationTransform,
     PerExampleSeededDataset,
+    _decode_for_crop,
     build_datasets,
     collate_fn,
     convert_image,
@@ -28,6 +29,7 @@ from hf_vit_custom.data import (
     load_digits_dataset,
     load_hub_dataset,
     load_image_folder,
+    open_image,
     validate_dataset,
 )
 
@@ -548,3 +550,50 @@ def test_the_pipelines_image_loading_clips_16_bit_images_and_convert_image_resca
     assert (np.asarray(load_image(sixteen_bit))[..., 0] == 255).mean() > 0.9
     rescaled = np.asarray(convert_image(sixteen_bit, "RGB"))[..., 0]
     assert rescaled.max() < 255 and len(np.unique(rescaled)) == 64
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reduced-size JPEG decoding in the training transform
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def camera_sized_jpeg(scale: int = 3) -> bytes:
+    """scikit-learn's first sample photo (640x427) enlarged `scale` times, as JPEG bytes."""
+    import sklearn.datasets
+
+    photo = sorted(Path(sklearn.datasets.__file__).parent.joinpath("images").glob("*.jpg"))[0]
+    buffer = io.BytesIO()
+    with Image.open(photo) as image:
+        image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_a_large_crop_of_a_jpeg_is_decoded_at_a_reduced_scale_with_the_box_rescaled():
+    encoded = camera_sized_jpeg()
+    image, box = _decode_for_crop(Image.open(io.BytesIO(encoded)), (0, 0, 1800, 1200), (224, 224))
+    # 1/4: the box becomes 450x300, still above 224x224; at 1/8 (225x150) it would not be.
+    assert image.size == (480, 321)
+    assert box == pytest.approx((0, 0, 1800 * 480 / 1920, 1200 * 321 / 1281))
+    small_crop = Image.open(io.BytesIO(encoded))
+    assert _decode_for_crop(small_crop, (0, 0, 400, 400), (224, 224))[0].size == (1920, 1281)  # under 2x: as it is
+    png = io.BytesIO()
+    Image.open(io.BytesIO(encoded)).save(png, "PNG")
+    assert _decode_for_crop(Image.open(png), (0, 0, 1800, 1200), (224, 224))[0].size == (1920, 1281)
+
+
+def test_the_training_transform_on_encoded_jpegs_matches_it_on_decoded_images():
+    encoded = camera_sized_jpeg()
+    processor = default_image_processor(224)
+    transform = ImageClassificationTransform(processor, train=True, crop_scale=(0.08, 1.0))
+    seeds = list(range(16))
+    from_bytes = transform.pixel_values([{"bytes": encoded, "path": None}] * 16, seeds)
+    decoded = transform.pixel_values([Image.open(io.BytesIO(encoded)).convert("RGB")] * 16, seeds)
+    # The same crops (the random draws do not depend on the decode), the pixels of a scaled inverse DCT: close.
+    assert from_bytes.shape == decoded.shape == (16, 3, 224, 224)
+    assert (from_bytes - decoded).abs().mean() < 0.03
+    assert not torch.equal(from_bytes, decoded)  # some crops were large enough to decode at 1/2 .. 1/8
+
+
+def test_open_image_refuses_what_is_not_an_image():
+    with pytest.raises(ValueError, match="Expected a PIL image or an encoded image"):
+        open_image({"bytes": None, "path": None})

@@ -358,7 +358,7 @@ def test_default_workers_feed_a_gpu_within_each_process_share_of_the_cpus(monkey
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_dataloader_workers(use_cpu=False) == 19  # ceil(3493 / 185): the GPU's rate, not the 63 CPUs left
+    assert default_dataloader_workers(use_cpu=False) == 14  # ceil(3493 / 254): the GPU's rate, not the 63 CPUs left
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert default_dataloader_workers(use_cpu=False) == 7  # 8 CPUs per process, one for the process itself
     assert default_dataloader_workers(use_cpu=True) == 0

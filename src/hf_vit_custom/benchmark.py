@@ -510,50 +510,73 @@ def run_benchmark(
 
 
 def training_transform_throughput(
-    num_images: int = 64, image_size: int = 224, batch_size: int = 32, rounds: int = 5
+    num_images: int = 64, image_size: int = 224, batch_size: int = 32, rounds: int = 5, photo_scales=(1, 2)
 ) -> dict:
-    """Images/s that one data-loader worker delivers: the training path of both loops (JPEG decode by `datasets`,
-    random resized crop and resize in one PIL call, normalisation by the image processor), measured on
-    scikit-learn's two sample photos (640x427 JPEGs) repeated to `num_images`, in this process and thread.
+    """Images/s that one data-loader worker delivers on the training path of both loops (random resized crop, scale
+    0.08-1, and resize in one PIL call, normalisation by the image processor), in this process and one thread.
 
-    Also times the decode alone, which bounds what a faster crop or normalisation could gain. Medians of `rounds`.
+    Measured on scikit-learn's two sample photos (640x427 JPEGs) repeated to `num_images`, and on the same photos
+    enlarged `photo_scales` times and saved as JPEGs again (camera-sized pictures), each three ways in interleaved
+    rounds (medians): the decode alone (what `datasets` does before a transform sees a PIL image); the transform on
+    images `datasets` decoded; and the training path itself, which decodes each JPEG at the smallest scale its crop
+    allows (`ImageClassificationTransform.augment`).
     """
-    import datasets
+    import tempfile
+
     import sklearn.datasets
     from transformers import ViTImageProcessorPil
 
-    from .data import ImageClassificationTransform, PerExampleSeededDataset
+    from .data import ImageClassificationTransform, seed_from
 
-    photos = sorted(str(path) for path in (Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
-    files = [photos[index % len(photos)] for index in range(num_images)]
-    split = datasets.Dataset.from_dict(
-        {"image": files, "label": [0] * num_images},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["photo"])}),
-    )
+    photos = sorted(Path(sklearn.datasets.__file__).parent.joinpath("images").glob("*.jpg"))
     processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
     transform = ImageClassificationTransform(processor, num_channels=3, train=True, crop_scale=(0.08, 1.0))
-    dataset = PerExampleSeededDataset(split, transform, seed=0)
-    batches = [list(range(start, min(start + batch_size, num_images))) for start in range(0, num_images, batch_size)]
+    seeds = [seed_from(0, index) for index in range(num_images)]
+    batches = [range(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, _torch_threads(1):
+        for scale in photo_scales:
+            files = []
+            for photo in photos:
+                file = Path(folder) / f"{photo.stem}-x{scale}.jpg"
+                with Image.open(photo) as image:
+                    image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC).save(
+                        file, quality=90
+                    )
+                files.append(str(file))
+            rows.append(_photo_row(files, transform, seeds, batches, rounds))
+    return {"image_size": image_size, "rounds": rounds, "rows": rows, **rows[0]}
 
-    def per_second(step: Callable[[list[int]], object]) -> float:
-        times = []
-        for _ in range(rounds):
+
+def _photo_row(files: list[str], transform, seeds: list[int], batches: list[range], rounds: int) -> dict:
+    """One row of `training_transform_throughput`: its three stages on `files`, timed in interleaved rounds."""
+    import datasets
+
+    num_images = len(seeds)
+    split = datasets.Dataset.from_dict(
+        {"image": [files[index % len(files)] for index in range(num_images)], "label": [0] * num_images},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["photo"])}),
+    )
+    encoded = split.cast_column("image", datasets.Image(decode=False))
+
+    def transformed(source, batch):
+        return transform(source[list(batch)], example_seeds=[seeds[index] for index in batch])
+
+    stages = {
+        "decode_images_per_s": lambda batch: [image.convert("RGB") for image in split[list(batch)]["image"]],
+        "full_decode_transform_images_per_s": lambda batch: transformed(split, batch),
+        "training_transform_images_per_s": lambda batch: transformed(encoded, batch),
+    }
+    times = {name: [] for name in stages}
+    for _ in range(rounds):
+        for name, step in stages.items():
             start = time.perf_counter()
             for batch in batches:
                 step(batch)
-            times.append(time.perf_counter() - start)
-        return num_images / statistics.median(times)
-
-    with _torch_threads(1):
-        decode = per_second(lambda batch: [image.convert("RGB") for image in split[batch]["image"]])
-        full = per_second(dataset.__getitems__)
-    return {
-        "photo_size": list(Image.open(photos[0]).size),
-        "image_size": image_size,
-        "decode_images_per_s": decode,
-        "training_transform_images_per_s": full,
-        "rounds": rounds,
-    }
+            times[name].append(time.perf_counter() - start)
+    with Image.open(files[0]) as image:
+        size = list(image.size)
+    return {"photo_size": size, **{name: num_images / statistics.median(spent) for name, spent in times.items()}}
 
 
 def workers_per_gpu(transform_images_per_s: float, training_images_per_s: float) -> int:
@@ -572,16 +595,25 @@ def _torch_threads(count: int):
 
 
 def data_table(report: dict, gpu_training_images_per_s: float) -> str:
+    """The `--data` report as a markdown table; the workers a GPU needs follow from the sample photos' row."""
     workers = workers_per_gpu(report["training_transform_images_per_s"], gpu_training_images_per_s)
+    lines = [
+        f"Training transform, one worker (1 thread), JPEGs to {report['image_size']} px, images/s, median of "
+        f"{report['rounds']} interleaved rounds\n",
+        "| photos | JPEG decode | transform after a full decode | training path (reduced decode) |",
+        "|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        width, height = row["photo_size"]
+        lines.append(
+            f"| {width}x{height} | {row['decode_images_per_s']:.1f} | {row['full_decode_transform_images_per_s']:.1f} "
+            f"| {row['training_transform_images_per_s']:.1f} |"
+        )
     width, height = report["photo_size"]
-    return (
-        f"Training transform, one worker (1 thread), {width}x{height} JPEGs to {report['image_size']} px, median of "
-        f"{report['rounds']} rounds\n\n"
-        "| stage | images/s per worker |\n|---|---|\n"
-        f"| JPEG decode | {report['decode_images_per_s']:.1f} |\n"
-        f"| decode + random resized crop + normalise | {report['training_transform_images_per_s']:.1f} |\n\n"
-        f"Workers one GPU needs at {gpu_training_images_per_s:,.0f} training images/s: {workers}"
+    lines.append(
+        f"\nWorkers one GPU needs at {gpu_training_images_per_s:,.0f} training images/s ({width}x{height}): {workers}"
     )
+    return "\n".join(lines)
 
 
 def markdown_table(report: dict) -> str:

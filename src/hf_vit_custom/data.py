@@ -11,6 +11,7 @@ columns (they are not arguments of the model's forward) before the transform can
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -513,6 +514,30 @@ def convert_image(image: Image.Image, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
+def open_image(image: Any) -> Image.Image:
+    """A PIL image, or the encoded image of a `datasets.Image(decode=False)` column (`{"bytes", "path"}`) opened
+    lazily: PIL reads the header (size, format) and decodes on first use."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path")):
+        return Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"])
+    raise ValueError(f"Expected a PIL image or an encoded image ({{'bytes', 'path'}}), got {type(image).__name__}.")
+
+
+def _decode_for_crop(
+    image: Image.Image, box: tuple[float, float, float, float], output_size: tuple[int, int]
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Ask a not yet decoded JPEG for the smallest scale (1/2, 1/4, 1/8) at which `box` still covers at least
+    `output_size` pixels; return the image and `box` in its new coordinates. Anything else is returned as it is."""
+    reduction = min((box[2] - box[0]) / output_size[1], (box[3] - box[1]) / output_size[0])
+    if image.format != "JPEG" or reduction < 2:  # (`draft` does nothing to an image already decoded)
+        return image, box
+    full_width, full_height = image.size
+    image.draft(None, (math.ceil(full_width / reduction), math.ceil(full_height / reduction)))
+    scale_x, scale_y = image.size[0] / full_width, image.size[1] / full_height
+    return image, (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+
+
 class ImageClassificationTransform:
     """Batch transform for `Dataset.with_transform`: PIL images and labels in, `pixel_values` and `labels` out.
 
@@ -574,6 +599,7 @@ class ImageClassificationTransform:
             raise ValueError(f"`crop_ratio` must satisfy 0 < low <= high, got {crop_ratio!r}.")
         self.image_processor = image_processor
         self.num_channels = num_channels
+        self.mode = "L" if num_channels == 1 else "RGB"
         self.train = train
         self.crop_scale = crop_scale
         self.crop_ratio = crop_ratio
@@ -594,17 +620,22 @@ class ImageClassificationTransform:
         pixel_values = self.pixel_values(batch[self.image_column], example_seeds)
         return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[self.label_column], dtype=torch.long)}
 
-    def pixel_values(self, images: Sequence[Image.Image], example_seeds: list[int] | None = None) -> torch.Tensor:
+    def pixel_values(self, images: Sequence[Any], example_seeds: list[int] | None = None) -> torch.Tensor:
         """Images alone (no labels) as float32 (batch, num_channels, height, width): converted, augmented when
-        training, resized and normalised by the processor."""
-        mode = "L" if self.num_channels == 1 else "RGB"
-        images = [convert_image(image, mode) for image in images]
+        training, resized and normalised by the processor.
+
+        `images` are PIL images or, from a column cast to `datasets.Image(decode=False)`, their encoded bytes; the
+        training path then decodes each JPEG at the smallest scale its random crop allows (`augment`).
+        """
+        images = [open_image(image) for image in images]
         if self.train and example_seeds is None:
             images = [self.augment(image) for image in images]
         elif self.train:
             generator = torch.Generator()  # reseeded per image: cheaper than seeding the global generator
             seeded = zip(images, example_seeds, strict=True)
             images = [self.augment(image, generator.manual_seed(seed)) for image, seed in seeded]
+        else:
+            images = [convert_image(image, self.mode) for image in images]
         if self.train and self.crop_scale is not None and self.crops:
             # The random crop already has the model's size: a cropping processor's own resize and crop would zoom in.
             return self.image_processor(images, do_resize=False, do_center_crop=False, return_tensors="pt")[
@@ -613,18 +644,23 @@ class ImageClassificationTransform:
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
-        """Randomly crop-and-resize to the processor size, then maybe flip (training only).
+        """Convert, randomly crop-and-resize to the processor size, then maybe flip (training only).
 
-        Draws from `generator` when given, otherwise from torch's global generator.
+        The crop is drawn from the image's size alone, before decoding, so that a JPEG is decoded at 1/2, 1/4 or 1/8
+        of its size (PIL's `draft`, a scaled inverse DCT) whenever the crop keeps at least the output's pixels then:
+        most random resized crops shrink the image, and the full-size decode is most of their cost. Draws from
+        `generator` when given, otherwise from torch's global generator.
         """
         if self.crop_scale is not None:
             top, left, height, width = self._crop_box(image.width, image.height, generator)
+            box = (left, top, left + width, top + height)
+            image, box = _decode_for_crop(image, box, self.output_size)
             # One resampling step for crop and resize; the processor's own resize is then the identity.
-            image = image.resize(
-                (self.output_size[1], self.output_size[0]),
-                resample=Image.Resampling.BILINEAR,
-                box=(left, top, left + width, top + height),
+            image = convert_image(image, self.mode).resize(
+                (self.output_size[1], self.output_size[0]), resample=Image.Resampling.BILINEAR, box=box
             )
+        else:
+            image = convert_image(image, self.mode)
         if self.horizontal_flip and self._uniform(generator) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
@@ -692,7 +728,8 @@ class PerExampleSeededDataset(torch.utils.data.Dataset):
         seed: int,
         batch_mixer: Callable[[torch.Tensor, torch.Tensor, np.random.Generator], tuple] | None = None,
     ):
-        self.dataset = dataset
+        # The transform decodes the images itself, at the scale each crop needs.
+        self.dataset = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
         self.transform = transform
         self.seed = seed
         self.batch_mixer = batch_mixer

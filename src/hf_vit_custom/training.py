@@ -96,9 +96,9 @@ DEFAULT_PRESET = "vit-tiny-patch16-224"
 # The training images/s the data loaders must feed on a GPU: ViT-B/16, bf16, batch 256, compiled, on an H200 (the
 # README's GPU table).
 GPU_TRAINING_IMAGES_PER_S = 3493.0
-# One data-loader worker's training-transform rate, `scripts/benchmark.py --data` on a 2-core AMD EPYC (185 images/s
+# One data-loader worker's training-transform rate, `scripts/benchmark.py --data` on a 2-core AMD EPYC (254 images/s
 # at 224 px from 640x427 JPEGs); sets how many workers a GPU gets by default.
-TRANSFORM_IMAGES_PER_S_PER_WORKER = 185.0
+TRANSFORM_IMAGES_PER_S_PER_WORKER = 254.0
 # Hyper-parameters the model card lists.
 HUB_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay", "seed")
 # Learned tokens that act like embeddings: decaying them towards zero only erases what they encode (timm's
