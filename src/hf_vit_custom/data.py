@@ -729,7 +729,7 @@ class PerExampleSeededDataset(torch.utils.data.Dataset):
         batch_mixer: Callable[[torch.Tensor, torch.Tensor, np.random.Generator], tuple] | None = None,
     ):
         # The transform decodes the images itself, at the scale each crop needs.
-        self.dataset = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+        self.dataset = dataset.cast_column(transform.image_column, datasets.Image(decode=False))
         self.transform = transform
         self.seed = seed
         self.batch_mixer = batch_mixer

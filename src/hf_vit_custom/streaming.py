@@ -170,7 +170,7 @@ class StreamedTrainingSet(torch.utils.data.IterableDataset):
         if shuffle_block_size < 1:
             raise ValueError(f"`shuffle_block_size` must be at least 1, got {shuffle_block_size}.")
         # The transform decodes the images itself, at the scale each crop needs.
-        self.stream = stream.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+        self.stream = stream.cast_column(transform.image_column, datasets.Image(decode=False))
         self.transform = transform
         self.seed = seed
         self.batch_size = batch_size
