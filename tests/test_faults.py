@@ -71,6 +71,15 @@ def train_script(script: str, output_dir: Path, *extra: str, returncode: int | N
     return run_bounded([sys.executable, str(SCRIPTS[script]), *run_args(output_dir), *extra], 300, returncode)
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_the_scripts():
+    """A test run started in the background of a non-interactive shell ignores SIGINT, and so would every script it
+    starts (an ignored signal stays ignored across `exec`): give them Ctrl-C back, as in a terminal's foreground."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def drive(*args: str, returncode: int | None) -> str:
     return run_bounded([sys.executable, str(DRIVER), *args], 300, returncode)
 
