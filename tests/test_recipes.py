@@ -2,6 +2,7 @@
 units and in both training loops (the average resumed exactly from a checkpoint)."""
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import small_run_args, tiny_config_kwargs
+from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoModelForImageClassification, HfArgumentParser, ViTImageProcessorPil
 from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
 from hf_vit_custom.accelerate_loop import AccelerateArguments, train_with_accelerate
-from hf_vit_custom.data import PerExampleSeededDataset, collate_fn, load_digits_dataset
+from hf_vit_custom.data import ImageClassificationTransform, PerExampleSeededDataset, collate_fn, load_digits_dataset
 from hf_vit_custom.pretraining import PretrainingArguments
 from hf_vit_custom.recipes import (
     SOFT_LABELS,
     MixupCutmix,
+    TrivialAugmentWide,
     WeightAverage,
     layer_id,
     soft_target_cross_entropy,
@@ -32,6 +35,7 @@ from hf_vit_custom.training import (
     ViTTrainer,
     ViTTrainingArguments,
     optimizer_parameter_groups,
+    prepare_data_and_model,
     train,
 )
 
@@ -268,3 +272,88 @@ def test_resuming_from_a_checkpoint_without_an_average_starts_one_from_its_weigh
         average.resume(tmp_path, model)
     assert "holds no weight average" in caplog.text
     assert torch.equal(average.module.classifier.weight, model.classifier.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TrivialAugment
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gradient_image(size: int = 32) -> Image.Image:
+    """An RGB image whose every pixel differs from its neighbours, so that a shift or shear is visible."""
+    pixels = np.arange(size * size * 3, dtype=np.int64).reshape(size, size, 3) % 251
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_trivial_augment_draws_from_the_wide_space_of_the_paper():
+    space = TrivialAugmentWide().space
+    assert len(space) == 14 and all(m is None or len(m) == 31 for m, _ in space.values())
+    extremes = {name: (m[0], m[-1]) for name, (m, _) in space.items() if m is not None}
+    assert extremes["Rotate"] == (0.0, 135.0) and extremes["TranslateX"] == (0.0, 32.0)
+    assert extremes["ShearX"] == pytest.approx((0.0, 0.99)) and extremes["Brightness"] == pytest.approx((0.0, 0.99))
+    assert extremes["Posterize"] == (8, 2) and extremes["Solarize"] == (255.0, 0.0)
+    augment = TrivialAugmentWide()
+    generator = torch.Generator().manual_seed(0)
+    drawn = [augment.draw(generator) for _ in range(2000)]
+    assert {name for name, _ in drawn} == set(space)  # every operation, each about 1/14 of the time
+    assert max(Counter(name for name, _ in drawn).values()) < 2000 / 14 * 1.3
+    rotations = [magnitude for name, magnitude in drawn if name == "Rotate"]
+    assert min(rotations) < -100 and max(rotations) > 100  # both signs
+
+
+def test_trivial_augment_operations_do_what_their_names_say():
+    image = gradient_image()
+    pixels = np.asarray(image)
+    shifted = np.asarray(TrivialAugmentWide.apply(image, "TranslateX", 5.7))  # whole pixels, as torchvision
+    assert np.array_equal(shifted[:, 5:], pixels[:, :-5]) and not shifted[:, :5].any()
+    assert np.array_equal(np.asarray(TrivialAugmentWide.apply(image, "TranslateY", -3.0))[:-3], pixels[3:])
+    sheared = np.asarray(TrivialAugmentWide.apply(image, "ShearX", 0.5))
+    assert np.array_equal(sheared[0], pixels[0])  # about the top-left corner: the first row stays
+    assert np.array_equal(sheared[10, :-5], pixels[10, 5:])  # row y samples x + 0.5 y
+    quarter = TrivialAugmentWide.apply(image, "Rotate", 90.0)
+    assert np.array_equal(np.asarray(quarter), np.asarray(image.transpose(Image.Transpose.ROTATE_90)))
+    assert set(np.unique(np.asarray(TrivialAugmentWide.apply(image, "Posterize", 2)))) <= {0, 64, 128, 192}
+    solarized = np.asarray(TrivialAugmentWide.apply(image, "Solarize", 128.0)).astype(int)
+    assert np.array_equal(solarized, np.where(pixels < 128, pixels, 255 - pixels))
+    darker = np.asarray(TrivialAugmentWide.apply(image, "Brightness", -0.5)).astype(int)
+    assert np.abs(darker - pixels * 0.5).max() <= 1
+    assert TrivialAugmentWide.apply(image, "Identity", 0.0) is image
+
+
+def test_trivial_augment_is_seeded_per_image_and_keeps_the_crops():
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
+    plain = ImageClassificationTransform(processor, train=True, crop_scale=(0.5, 1.0))
+    augmented = ImageClassificationTransform(processor, train=True, crop_scale=(0.5, 1.0), trivial_augment=True)
+    images, seeds = [gradient_image(64)] * 40, list(range(40))
+    first, again = augmented.pixel_values(images, seeds), augmented.pixel_values(images, seeds)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, plain.pixel_values(images, seeds))
+    # The operation is drawn after the crop, from the same generator: where it drew Identity, the crop is the plain one.
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    for generator in generators:  # the plain transform's draws: the crop box
+        plain._crop_box(64, 64, generator)
+    drawn = [augmented.trivial_augment.draw(generator)[0] for generator in generators]
+    identities = [index for index, name in enumerate(drawn) if name == "Identity"]
+    assert identities  # a few of the 40 (1 in 14 each)
+    baseline = plain.pixel_values(images, seeds)
+    for index in identities:
+        assert torch.equal(first[index], baseline[index])
+
+
+def test_the_trivial_augment_flag_reaches_the_training_transform_only(tmp_path):
+    parser = HfArgumentParser((ModelArguments, DataArguments, ViTTrainingArguments))
+    args = parser.parse_args_into_dataclasses([*small_run_args(tmp_path), "--trivial_augment", "true"])
+    prepared = prepare_data_and_model(*args)
+    assert isinstance(prepared.train_transform.trivial_augment, TrivialAugmentWide)
+    assert prepared.eval_transform.trivial_augment is None
+
+
+def test_trivial_augment_matches_torchvision_draw_for_draw():
+    # Where torchvision imports (not beside this package's pinned torch): pixel for pixel, with the same seeds.
+    torchvision_transforms = pytest.importorskip("torchvision.transforms", reason="torchvision is not installed")
+    image = gradient_image(48)
+    ours = TrivialAugmentWide()
+    for seed in range(200):
+        torch.manual_seed(seed)
+        expected = torchvision_transforms.TrivialAugmentWide()(image)
+        assert np.array_equal(np.asarray(ours(image, torch.Generator().manual_seed(seed))), np.asarray(expected)), seed

@@ -260,12 +260,21 @@ def test_two_streaming_processes_reach_the_map_style_accuracy_and_resume_exactly
 
 
 def test_trainer_streams_with_two_processes_and_resumes_exactly(tmp_path, digit_shards):
-    # Dropout, crops, Mixup and two workers per process: every random stream must be restored.
+    # Dropout, crops, TrivialAugment, Mixup and two workers per process: every random stream must be restored.
     config = f"{TINY_OVERRIDES},image_size=16,patch_size=4,hidden_dropout_prob=0.1"
     quick = [
         *run_args(tmp_path / "full", digit_shards, "--streaming", "true", "--max_steps", "12", config=config),
         *("--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "6"),
-        *("--shuffle_block_size", "64", "--dataloader_num_workers", "2", "--mixup_alpha", "0.8"),
+        *(
+            "--shuffle_block_size",
+            "64",
+            "--dataloader_num_workers",
+            "2",
+            "--mixup_alpha",
+            "0.8",
+            "--trivial_augment",
+            "true",
+        ),
     ]
     script = str(REPO / "scripts" / "train.py")
     assert "world size 2, model wrapped in DistributedDataParallel" in run_bounded([*TORCHRUN, script, *quick])

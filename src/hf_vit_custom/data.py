@@ -29,7 +29,7 @@ from sklearn.model_selection import train_test_split
 from transformers import ViTImageProcessorPil
 
 from .configuration_vit_custom import to_pair
-from .recipes import SOFT_LABELS
+from .recipes import SOFT_LABELS, TrivialAugmentWide
 
 logger = logging.getLogger(__name__)
 
@@ -558,6 +558,7 @@ class ImageClassificationTransform:
         crop_scale: range of the crop's area as a fraction of the image; `None` disables the random crop.
         crop_ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
         horizontal_flip: flip half of the images left-right; leave off for digits and text, whose meaning flips.
+        trivial_augment: after the crop and flip, apply TrivialAugment (`recipes.TrivialAugmentWide`).
         image_column: input column with the images.
         label_column: input column with the labels.
     """
@@ -572,6 +573,7 @@ class ImageClassificationTransform:
         horizontal_flip: bool = False,
         image_column: str = "image",
         label_column: str = "label",
+        trivial_augment: bool = False,
     ):
         if num_channels not in (1, 3):
             raise ValueError(f"`num_channels` must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
@@ -604,6 +606,7 @@ class ImageClassificationTransform:
         self.crop_scale = crop_scale
         self.crop_ratio = crop_ratio
         self.horizontal_flip = horizontal_flip
+        self.trivial_augment = TrivialAugmentWide() if trivial_augment else None
         self.image_column = image_column
         self.label_column = label_column
         self.output_size = (int(height), int(width))
@@ -644,7 +647,7 @@ class ImageClassificationTransform:
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
-        """Convert, randomly crop-and-resize to the processor size, then maybe flip (training only).
+        """Convert, randomly crop-and-resize to the processor size, then maybe flip and TrivialAugment (training only).
 
         The crop is drawn from the image's size alone, before decoding, so that a JPEG is decoded at 1/2, 1/4 or 1/8
         of its size (PIL's `draft`, a scaled inverse DCT) whenever the crop keeps at least the output's pixels then:
@@ -663,6 +666,8 @@ class ImageClassificationTransform:
             image = convert_image(image, self.mode)
         if self.horizontal_flip and self._uniform(generator) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.trivial_augment is not None:
+            image = self.trivial_augment(image, generator)
         return image
 
     def _crop_box(

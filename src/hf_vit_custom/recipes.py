@@ -1,11 +1,12 @@
 """Fine-tuning recipes shared by both training loops: layer-wise learning-rate decay, Mixup / CutMix with the soft
-targets they need, label smoothing, and an exponential moving average of the weights.
+targets they need, label smoothing, TrivialAugment, and an exponential moving average of the weights.
 
 Each follows the reference that made it standard: layer-wise decay as BEiT and MAE fine-tune (`param_groups_lrd` in
 MAE's `util/lr_decay.py`), Mixup / CutMix as timm's `timm.data.Mixup` (batch mode, the batch paired with itself
 reversed, label smoothing folded into the mixed targets), the average through PyTorch's own
-`torch.optim.swa_utils.AveragedModel`. timm's `Mixup` is not used directly: timm installs torchvision, which this
-package must not need.
+`torch.optim.swa_utils.AveragedModel`, TrivialAugment as torchvision's `TrivialAugmentWide` applies it to PIL
+images (the same Pillow operations, magnitudes and draws). timm's `Mixup` and torchvision's `TrivialAugmentWide`
+are not used directly: timm installs torchvision, which this package must not need.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -31,6 +33,92 @@ SOFT_LABELS = "soft_labels"
 EMA_CHECKPOINT_FILE = "ema.safetensors"
 EMA_FOLDER = "ema"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class TrivialAugmentWide:
+    """TrivialAugment (Müller and Hutter, 2021) in its wide magnitude space: one operation per image, drawn uniformly
+    from 14, at a strength drawn uniformly from 31 steps, with a random sign for the signed ones.
+
+    Written out on Pillow's own operations exactly as torchvision's `TrivialAugmentWide` applies them to PIL images
+    (nearest-neighbour resampling, black fill, the same draws in the same order), because torchvision cannot be a
+    dependency; kornia's `TrivialAugment` was measured and differs from the paper (see the README).
+    """
+
+    num_magnitude_bins = 31
+
+    def __init__(self):
+        bins = self.num_magnitude_bins
+
+        def steps(low: float, high: float) -> list[float]:  # float32, as torchvision's: int(16.0 - 1 ulp) is 15
+            return torch.linspace(low, high, bins).tolist()
+
+        # operation -> (magnitudes, signed), torchvision's `_augmentation_space` of `TrivialAugmentWide`
+        self.space = {
+            "Identity": (None, False),
+            "ShearX": (steps(0.0, 0.99), True),
+            "ShearY": (steps(0.0, 0.99), True),
+            "TranslateX": (steps(0.0, 32.0), True),
+            "TranslateY": (steps(0.0, 32.0), True),
+            "Rotate": (steps(0.0, 135.0), True),
+            "Brightness": (steps(0.0, 0.99), True),
+            "Color": (steps(0.0, 0.99), True),
+            "Contrast": (steps(0.0, 0.99), True),
+            "Sharpness": (steps(0.0, 0.99), True),
+            "Posterize": ((8 - (torch.arange(bins) / ((bins - 1) / 6)).round().int()).tolist(), False),
+            "Solarize": (steps(255.0, 0.0), False),
+            "AutoContrast": (None, False),
+            "Equalize": (None, False),
+        }
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
+        """`image` with one drawn operation applied; draws from `generator` (else torch's global generator)."""
+        name, magnitude = self.draw(generator)
+        return self.apply(image, name, magnitude)
+
+    def draw(self, generator: torch.Generator | None = None) -> tuple[str, float]:
+        """The operation and its signed magnitude (0 for those without one)."""
+        names = list(self.space)
+        name = names[int(torch.randint(len(names), (1,), generator=generator).item())]
+        magnitudes, signed = self.space[name]
+        magnitude = 0.0
+        if magnitudes is not None:
+            magnitude = float(magnitudes[int(torch.randint(len(magnitudes), (1,), generator=generator).item())])
+        if signed and torch.randint(2, (1,), generator=generator).item():
+            magnitude = -magnitude
+        return name, magnitude
+
+    @staticmethod
+    def apply(image: Image.Image, name: str, magnitude: float) -> Image.Image:
+        """torchvision's `_apply_op` for a PIL image: the affine ones as `F.affine` builds their inverse matrix."""
+        nearest = Image.Resampling.NEAREST
+        if name in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
+            shift = int(magnitude)  # torchvision truncates the translation to whole pixels
+            matrix = {
+                "ShearX": (1.0, magnitude, 0.0, 0.0, 1.0, 0.0),  # shear angle atan(magnitude), about the corner
+                "ShearY": (1.0, 0.0, 0.0, magnitude, 1.0, 0.0),
+                "TranslateX": (1.0, 0.0, -shift, 0.0, 1.0, 0.0),
+                "TranslateY": (1.0, 0.0, 0.0, 0.0, 1.0, -shift),
+            }[name]
+            return image.transform(image.size, Image.Transform.AFFINE, matrix, resample=nearest, fillcolor=0)
+        if name == "Rotate":
+            return image.rotate(magnitude, resample=nearest, fillcolor=0)
+        enhancers = {
+            "Brightness": ImageEnhance.Brightness,
+            "Color": ImageEnhance.Color,
+            "Contrast": ImageEnhance.Contrast,
+            "Sharpness": ImageEnhance.Sharpness,
+        }
+        if name in enhancers:
+            return enhancers[name](image).enhance(1.0 + magnitude)
+        if name == "Posterize":
+            return ImageOps.posterize(image, int(magnitude))
+        if name == "Solarize":
+            return ImageOps.solarize(image, magnitude)
+        if name == "AutoContrast":
+            return ImageOps.autocontrast(image)
+        if name == "Equalize":
+            return ImageOps.equalize(image)
+        return image  # Identity
 
 
 def layer_id(parameter_name: str, num_layers: int) -> int:
@@ -198,6 +286,7 @@ __all__ = [
     "EMA_FOLDER",
     "SOFT_LABELS",
     "MixupCutmix",
+    "TrivialAugmentWide",
     "WeightAverage",
     "layer_id",
     "layer_learning_rates",

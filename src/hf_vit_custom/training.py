@@ -182,6 +182,10 @@ class DataArguments:
     min_crop_scale: float = field(
         default=0.7, metadata={"help": "Smallest area share kept by the random resized crop (1.0 disables it)."}
     )
+    trivial_augment: bool = field(
+        default=False,
+        metadata={"help": "TrivialAugment (wide) after the crop: one of 14 operations per image at a random strength."},
+    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -788,6 +792,7 @@ def _transforms(
         train=True,
         horizontal_flip=data_args.horizontal_flip,
         crop_scale=(data_args.min_crop_scale, 1.0) if data_args.min_crop_scale < 1.0 else None,
+        trivial_augment=data_args.trivial_augment,
     )
     eval_transform = ImageClassificationTransform(image_processor, num_channels=num_channels, train=False)
     batch_mixer = None
