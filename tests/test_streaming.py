@@ -265,6 +265,7 @@ def test_trainer_streams_with_two_processes_and_resumes_exactly(tmp_path, digit_
     quick = [
         *run_args(tmp_path / "full", digit_shards, "--streaming", "true", "--max_steps", "12", config=config),
         *("--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "6"),
+        *("--eval_strategy", "steps", "--eval_steps", "6"),  # evaluating in between leaves the streams alone
         *(
             "--shuffle_block_size",
             "64",
@@ -284,5 +285,7 @@ def test_trainer_streams_with_two_processes_and_resumes_exactly(tmp_path, digit_
     full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "resumed"))
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+    history = json.loads((tmp_path / "full" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_accuracy" in entry] == [6, 12]
     midway = load_file(tmp_path / "full" / "checkpoint-6" / "model.safetensors")
     assert not torch.equal(midway["classifier.weight"], full["classifier.weight"])
