@@ -20,7 +20,9 @@ from hf_vit_custom.recipes import SOFT_LABELS, MixupCutmix
 from hf_vit_custom.streaming import (
     STREAM_STATE_FILE,
     StreamedTrainingSet,
+    load_stream_state,
     load_streamed_splits,
+    save_stream_state,
     split_for_process,
     streamed_data_loader,
 )
@@ -177,11 +179,12 @@ def test_a_resumed_loader_continues_every_worker_bit_for_bit_across_passes(digit
     batches = iter(loader)
     for _ in range(45):  # beyond the first pass (about 40 batches in this process's half)
         next(batches)
-    torch.save(loader.state_dict(), tmp_path / STREAM_STATE_FILE.format(process_index=1))
+    save_stream_state(loader, tmp_path, process_index=1)
+    assert (tmp_path / STREAM_STATE_FILE.format(process_index=1)).is_file()
     expected = [next(batches) for _ in range(12)]
 
     resumed = streamed_data_loader(streamed_set(train, 1, 2, shuffle_block_size=50, batch_mixer=mixer), num_workers)
-    resumed.load_state_dict(torch.load(tmp_path / STREAM_STATE_FILE.format(process_index=1), weights_only=True))
+    load_stream_state(resumed, tmp_path, process_index=1)
     again = iter(resumed)
     for batch in expected:
         other = next(again)
@@ -289,3 +292,10 @@ def test_trainer_streams_with_two_processes_and_resumes_exactly(tmp_path, digit_
     assert [entry["step"] for entry in history if "eval_accuracy" in entry] == [6, 12]
     midway = load_file(tmp_path / "full" / "checkpoint-6" / "model.safetensors")
     assert not torch.equal(midway["classifier.weight"], full["classifier.weight"])
+
+
+def test_resuming_a_stream_from_a_checkpoint_without_its_state_names_the_missing_file(tmp_path, digit_shards):
+    train, _ = load_streamed_splits(str(digit_shards))
+    loader = streamed_data_loader(streamed_set(train), num_workers=0)
+    with pytest.raises(ValueError, match=r"has no stream_state_0\.pt: it was not saved by a streamed run"):
+        load_stream_state(loader, tmp_path, process_index=0)

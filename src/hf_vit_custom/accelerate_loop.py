@@ -20,9 +20,11 @@ augmentation independent of the number of processes and data-loader workers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -57,13 +59,12 @@ from .persistence import (
     write_folder_atomically,
 )
 from .recipes import WeightAverage, training_loss, weights_of
-from .streaming import STREAM_STATE_FILE, StreamedTrainingSet, streamed_data_loader
+from .streaming import StreamedTrainingSet, load_stream_state, save_stream_state, streamed_data_loader
 from .training import (
     HUB_HYPERPARAMETERS,
     DataArguments,
     ModelArguments,
     ViTTrainingArguments,
-    load_stream_state,
     optimizer_parameter_groups,
     plot_training_curve,
     prepare_data_and_model,
@@ -465,14 +466,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     run.train_dataset.set_epoch(epoch)
     skip = progress.batches_in_epoch if epoch == progress.epoch else 0
     progress.epoch, progress.batches_in_epoch = epoch, skip
-    batches = accelerator.skip_first_batches(run.train_dataloader, skip) if skip else run.train_dataloader
-    window = LossWindow(accelerator.device)
-    for batch in batches:
-        grad_norm = _train_step(run, batch, window)
-        progress.batches_in_epoch += 1
-        if accelerator.sync_gradients:
-            _after_optimizer_step(run, epoch, window, grad_norm)
-    _flush_loss(run, window)
+    _train_on(run, accelerator.skip_first_batches(run.train_dataloader, skip) if skip else run.train_dataloader, epoch)
     validation = evaluate(run.model, run.eval_dataloaders["validation"], accelerator)
     _log(run, {**_prefixed("eval", validation), "epoch": epoch + 1})
     logger.info("Epoch %d: validation loss %.4f", epoch + 1, validation["loss"])
@@ -485,18 +479,23 @@ def _train_stream(run: _Run) -> None:
     it, when resuming), then the validation."""
     accelerator, progress = run.accelerator, run.progress
     run.model.train()
-    window = LossWindow(accelerator.device)
-    for batch in run.train_dataloader:
-        if progress.completed_steps >= run.max_train_steps:
-            break
-        grad_norm = _train_step(run, send_to_device(batch, accelerator.device), window)
-        progress.batches_in_epoch += 1
-        if accelerator.sync_gradients:
-            _after_optimizer_step(run, 0, window, grad_norm)
-    _flush_loss(run, window)
+    batches = itertools.takewhile(lambda _: progress.completed_steps < run.max_train_steps, run.train_dataloader)
+    # The stream's loader is not Accelerate's, so nothing has put its batches on the device yet.
+    _train_on(run, (send_to_device(batch, accelerator.device) for batch in batches), epoch=0)
     validation = evaluate(run.model, run.eval_dataloaders["validation"], accelerator)
     _log(run, _prefixed("eval", validation))
     logger.info("Step %d: validation loss %.4f", progress.completed_steps, validation["loss"])
+
+
+def _train_on(run: _Run, batches: Iterable[dict[str, torch.Tensor]], epoch: int) -> None:
+    """Train on `batches`, counting them and the optimiser steps, then add their losses to the progress."""
+    window = LossWindow(run.accelerator.device)
+    for batch in batches:
+        grad_norm = _train_step(run, batch, window)
+        run.progress.batches_in_epoch += 1
+        if run.accelerator.sync_gradients:
+            _after_optimizer_step(run, epoch, window, grad_norm)
+    _flush_loss(run, window)
 
 
 def _train_step(run: _Run, batch: dict[str, torch.Tensor], window: LossWindow) -> torch.Tensor | None:
@@ -578,8 +577,7 @@ def _save_checkpoint(run: _Run) -> None:
 def _write_checkpoint(run: _Run, staging: Path) -> None:
     run.accelerator.save_state(str(staging))  # model, optimiser, scheduler and RNG states
     if run.streamed:  # every process: each reads its own part of the stream
-        path = staging / STREAM_STATE_FILE.format(process_index=run.accelerator.process_index)
-        torch.save(run.train_dataloader.state_dict(), path)
+        save_stream_state(run.train_dataloader, staging, run.accelerator.process_index)
     if run.accelerator.is_main_process:
         if run.weight_average is not None:
             run.weight_average.save(staging)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -262,10 +264,28 @@ def streamed_data_loader(dataset: StreamedTrainingSet, num_workers: int, pin_mem
     )
 
 
+def save_stream_state(loader, folder: str | os.PathLike, process_index: int) -> None:
+    """Write this process's loader state (every worker's place in the stream) into checkpoint `folder`."""
+    torch.save(loader.state_dict(), Path(folder) / STREAM_STATE_FILE.format(process_index=process_index))
+
+
+def load_stream_state(loader, checkpoint: str | os.PathLike, process_index: int) -> None:
+    """Put a streamed run's data loader where `checkpoint` left this process's part of the stream."""
+    path = Path(checkpoint) / STREAM_STATE_FILE.format(process_index=process_index)
+    if not path.is_file():
+        raise ValueError(
+            f"The checkpoint {str(checkpoint)!r} has no {path.name}: it was not saved by a streamed run with this "
+            "process count, so where the stream stood is unknown."
+        )
+    loader.load_state_dict(torch.load(path, weights_only=True))
+
+
 __all__ = [
     "STREAM_STATE_FILE",
     "StreamedTrainingSet",
+    "load_stream_state",
     "load_streamed_splits",
+    "save_stream_state",
     "split_for_process",
     "streamed_data_loader",
 ]

@@ -64,9 +64,10 @@ from .recipes import (
     weights_of,
 )
 from .streaming import (
-    STREAM_STATE_FILE,
     StreamedTrainingSet,
+    load_stream_state,
     load_streamed_splits,
+    save_stream_state,
     split_for_process,
     streamed_data_loader,
 )
@@ -469,8 +470,7 @@ class ViTTrainer(Trainer):
             self.weight_average.save(output_dir)
         if self.stream_loader is not None:  # every process: each reads its own part of the stream
             os.makedirs(output_dir, exist_ok=True)  # the main process may not have made it yet (as for RNG states)
-            path = Path(output_dir) / STREAM_STATE_FILE.format(process_index=self.args.process_index)
-            torch.save(self.stream_loader.state_dict(), path)
+            save_stream_state(self.stream_loader, output_dir, self.args.process_index)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -489,17 +489,6 @@ class ViTTrainer(Trainer):
         accelerators = [] if device.type == "cpu" else [device.index or 0]  # the CPU generator is always forked
         with torch.random.fork_rng(devices=accelerators, device_type=device.type):
             return super().evaluate(*args, **kwargs)
-
-
-def load_stream_state(loader, checkpoint: str | os.PathLike, process_index: int) -> None:
-    """Put a streamed run's data loader where `checkpoint` left this process's part of the stream."""
-    path = Path(checkpoint) / STREAM_STATE_FILE.format(process_index=process_index)
-    if not path.is_file():
-        raise ValueError(
-            f"The checkpoint {str(checkpoint)!r} has no {path.name}: it was not saved by a streamed run with this "
-            "process count, so where the stream stood is unknown."
-        )
-    loader.load_state_dict(torch.load(path, weights_only=True))
 
 
 def resolve_config(model_args: ModelArguments, uses_default_data: bool, **fields) -> ViTCustomConfig:
