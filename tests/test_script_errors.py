@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, TINY_OVERRIDES, make_image_folder, tiny_config_kwargs
 from PIL import Image
 from safetensors.torch import save_file
@@ -531,6 +532,16 @@ def test_a_training_value_that_cannot_train_is_refused(workspace, monkeypatch, c
     before = snapshot(workspace.user)
     status, err = run_in_process("train.py", argv, monkeypatch, capfd)
     assert_one_clear_line("train.py", status, err, message, before, snapshot(workspace.user))
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_accelerate.py"])
+def test_fp8_on_a_machine_without_fp8_is_refused(workspace, monkeypatch, capfd, script):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where CI has a GPU
+    argv = workspace.train_args("--fp8", "true")
+    before = snapshot(workspace.user)
+    status, err = run_in_process(script, argv, monkeypatch, capfd)
+    message = all_of(r"--fp8", r"compute capability 8\.9")
+    assert_one_clear_line(script, status, err, message, before, snapshot(workspace.user))
 
 
 # (id, script, argv, regular expression the message must match)

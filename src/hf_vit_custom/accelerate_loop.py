@@ -43,6 +43,7 @@ from transformers import BaseImageProcessor, Trainer, get_scheduler
 from transformers.trainer_utils import SaveStrategy
 
 from .data import PerExampleSeededDataset, collate_fn
+from .fp8 import fp8_recipe
 from .hub import push_model_folder
 from .metrics import ClassificationMetrics
 from .persistence import (
@@ -85,12 +86,12 @@ class AccelerateArguments(ViTTrainingArguments):
     The loop reads `seed` (`data_seed`), `num_train_epochs` (whole epochs; `max_steps` with `--streaming`), the
     batch sizes, `gradient_accumulation_steps`, `optim` with `learning_rate`, `weight_decay` and the Adam fields
     (through Trainer's optimiser factory), `lr_scheduler_type`, `lr_scheduler_kwargs`, `warmup_steps`,
-    `max_grad_norm`, `bf16` / `fp16` (else the launcher's precision), `save_strategy` (`no`, `steps` or `epoch`),
-    `save_steps`, `save_total_limit`, `resume_from_checkpoint`, `logging_steps`, `report_to`, `push_to_hub`,
-    `hub_model_id`, `hub_private_repo`, `accelerator_config`'s `use_seedable_sampler`, `dataloader_num_workers`,
-    `dataloader_drop_last`, `disable_tqdm`, `use_cpu`, `num_demo_predictions` and the recipes (`layer_decay`,
-    `mixup_alpha`, `cutmix_alpha`, `label_smoothing_factor`, `ema_decay`); it evaluates after every epoch (a streamed
-    run: after its last step).
+    `max_grad_norm`, `bf16` / `fp16` / `fp8` (else the launcher's precision), `save_strategy` (`no`, `steps` or
+    `epoch`), `save_steps`, `save_total_limit`, `resume_from_checkpoint`, `logging_steps`, `report_to`,
+    `push_to_hub`, `hub_model_id`, `hub_private_repo`, `accelerator_config`'s `use_seedable_sampler`,
+    `dataloader_num_workers`, `dataloader_drop_last`, `disable_tqdm`, `use_cpu`, `num_demo_predictions` and the
+    recipes (`layer_decay`, `mixup_alpha`, `cutmix_alpha`, `label_smoothing_factor`, `ema_decay`); it evaluates
+    after every epoch (a streamed run: after its last step).
     """
 
     output_dir: str | None = field(
@@ -224,7 +225,8 @@ def train_with_accelerate(model_args: ModelArguments, data_args: DataArguments, 
     try:
         accelerator = Accelerator(
             cpu=args.use_cpu,
-            mixed_precision=args.mixed_precision,  # `--bf16` / `--fp16`, else what `accelerate launch` was told
+            mixed_precision=args.mixed_precision,  # `--bf16` / `--fp16` / `--fp8`, else the launcher's precision
+            kwargs_handlers=[fp8_recipe()] if args.fp8 else None,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=args.report_to or None,
             project_dir=args.output_dir,

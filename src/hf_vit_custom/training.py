@@ -38,6 +38,7 @@ from .data import (
     default_image_processor,
     label_maps,
 )
+from .fp8 import fp8_recipe, fp8_unavailable_reason
 from .hub import push_model_folder
 from .metrics import build_compute_metrics
 from .persistence import (
@@ -274,6 +275,15 @@ class ViTTrainingArguments(TrainingArguments):
         },
     )
 
+    fp8: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the transformer blocks' linear layers in FP8 (torchao through Accelerate), the rest under "
+            "bf16 autocast: needs a GPU with FP8 tensor cores (compute capability 8.9+: L4, L40S, H100, H200, B200) "
+            "and torchao; fastest with --torch_compile true."
+        },
+    )
+
     # The model has no unused parameters (every module takes part in the forward), so DDP can skip the search.
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's unused-parameter search."})
 
@@ -296,6 +306,12 @@ class ViTTrainingArguments(TrainingArguments):
             self.metric_for_best_model = self.metric_for_best_model or "accuracy"
         self.check_training_values()
         super().__post_init__()
+        if self.mixed_precision == "fp8":  # `accelerate launch --mixed_precision fp8`: the same checks and layers
+            self.fp8 = True
+        if self.fp8:
+            if (reason := fp8_unavailable_reason(self.use_cpu)) is not None:
+                raise ValueError(reason)
+            self.mixed_precision = "fp8"  # what Trainer and the Accelerate loop hand to `Accelerator`
 
     def check_training_values(self) -> None:
         """Refuse values with which nothing, or nothing sensible, would be trained, before any data is loaded."""
@@ -313,6 +329,8 @@ class ViTTrainingArguments(TrainingArguments):
             raise ValueError(f"`--label_smoothing_factor` must lie in [0, 1), got {self.label_smoothing_factor}.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"`--ema_decay` must lie strictly between 0 and 1, got {self.ema_decay}.")
+        if self.fp8 and self.fp16:
+            raise ValueError("`--fp8` runs what it does not convert under bf16 autocast: leave out `--fp16`.")
         if self.ema_decay is not None and (self.fsdp or self.deepspeed):
             raise ValueError(
                 "`--ema_decay` keeps a whole copy of the weights on every process, which sharded training (FSDP, "
@@ -419,7 +437,8 @@ class WeightAverageCallback(TrainerCallback):
 class ViTTrainer(Trainer):
     """Trainer whose optimiser decays only the parameters `decay_parameter_names` selects (with layer-wise learning
     rates under `--layer_decay`), which trains on Mixup / CutMix's soft labels when the batch has them, keeps the
-    weight average of `--ema_decay` in its checkpoints, and whose evaluation leaves the training's random stream alone.
+    weight average of `--ema_decay` in its checkpoints, trains the layers `fp8.converts_to_fp8` picks in FP8 under
+    `--fp8`, and whose evaluation leaves the training's random stream alone.
     """
 
     def __init__(self, *args, **kwargs):
@@ -431,6 +450,13 @@ class ViTTrainer(Trainer):
                 raise ValueError("`--ema_decay` cannot be used with sharded training (FSDP, DeepSpeed).")
             self.weight_average = WeightAverage(self.model, self.args.ema_decay)
             self.add_callback(WeightAverageCallback(self.weight_average))
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        # Trainer's one place for the `Accelerator`'s arguments; `--fp8` adds the recipe that picks the FP8 layers.
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self.args.fp8:
+            accelerator_args["kwargs_handlers"] = [*accelerator_args.get("kwargs_handlers", []), fp8_recipe()]
+        return accelerator_args
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         return decay_parameter_names(model)
