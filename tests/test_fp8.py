@@ -149,3 +149,25 @@ def test_accelerate_loop_trains_the_blocks_in_fp8_and_saves_a_plain_model(tmp_pa
     assert_blocks_in_fp8(seen["classes"])
     assert torch.isfinite(torch.tensor(metrics["train_loss"])) and len(metrics["demo_predictions"]) == 2
     assert_saved_as_a_plain_model(tmp_path, seen["model"])
+
+
+@needs_torchao
+def test_fp8_training_compiles_without_graph_breaks(tmp_path, fp8_on_this_cpu):
+    """torchao's FP8 linears inside Trainer's `--torch_compile true` (dynamo's eager backend, as in
+    `tests/test_training.py`): one graph per pass, as in bf16."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    flags = ["--torch_compile", "true", "--torch_compile_backend", "eager", "--eval_strategy", "no"]
+    args = [*fp8_run_args(tmp_path), "--save_strategy", "no", "--num_demo_predictions", "0", *flags]
+    try:
+        training.train(
+            *training.parse_arguments(
+                (training.ModelArguments, training.DataArguments, training.ViTTrainingArguments), args
+            )
+        )
+        assert counters["stats"]["calls_captured"] > 0
+        assert dict(counters["graph_break"]) == {}
+    finally:
+        torch._dynamo.reset()
