@@ -7,6 +7,9 @@
     python scripts/benchmark.py --dtype bf16 --profile   # and where each call spends its time, by op group
     python scripts/benchmark.py --import_time --rounds 7   # how long `import hf_vit_custom` takes
     python scripts/benchmark.py --data   # images/s of one data-loader worker, and the workers a GPU needs
+    python scripts/benchmark.py --preset vit-large-patch16-224 --device cuda --dtype bf16 --batch_size 128 \\
+        --compile --fp8 --contenders hf_vit_custom-sdpa hf_vit_custom-sdpa-fp8 --reference hf_vit_custom-sdpa
+    python scripts/benchmark.py --preset vit-large-patch16-224 --fp8_loss_steps 200   # FP8's loss against bf16's
 
 Prints a markdown table (images/s, share of the same run's large-matmul FLOP/s, ratio to transformers-sdpa) and
 writes it with the raw figures to `--output` (`.md` and `.json`). Compare figures only within one run.
@@ -22,6 +25,8 @@ from hf_vit_custom.benchmark import (
     build_contenders,
     count_graph_breaks,
     data_table,
+    fp8_loss_agreement,
+    fp8_loss_table,
     import_seconds,
     import_table,
     markdown_table,
@@ -31,6 +36,7 @@ from hf_vit_custom.benchmark import (
 )
 from hf_vit_custom.cli import raise_usage_errors, run
 from hf_vit_custom.configuration_vit_custom import ViTCustomConfig
+from hf_vit_custom.fp8 import fp8_unavailable_reason
 from hf_vit_custom.training import GPU_TRAINING_IMAGES_PER_S
 
 
@@ -47,7 +53,27 @@ def main(args: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--iterations", type=int, default=1, help="calls timed together in each turn")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="time torch.compile'd models, in this mode (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="add hf_vit_custom-sdpa-fp8: the linears `--fp8` trains in FP8 (needs an FP8 GPU and torchao)",
+    )
+    parser.add_argument(
+        "--fp8_loss_steps",
+        type=int,
+        default=None,
+        help="instead of throughput, train this many steps in bf16 and in FP8 from the same start (--seeds seeds) "
+        "and compare the losses",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="with --fp8_loss_steps: runs per precision")
+    parser.add_argument("--reference", default="transformers-sdpa", help="the contender the speed-ups are against")
     parser.add_argument("--no_transformers", action="store_true", help="time this package only")
     parser.add_argument(
         "--contenders", nargs="+", default=None, help="time only these, by name (e.g. hf_vit_custom-sdpa timm)"
@@ -92,11 +118,19 @@ def main(args: list[str] | None = None) -> dict:
     if options.threads:
         torch.set_num_threads(options.threads)
     config = ViTCustomConfig.from_preset(options.preset, num_labels=options.num_labels)
+    fp8_reason = fp8_unavailable_reason(use_cpu=options.device == "cpu")
+    if (options.fp8 or options.fp8_loss_steps is not None) and fp8_reason is not None:
+        raise ValueError(fp8_reason)
+    if options.fp8_loss_steps is not None:
+        report = fp8_loss_agreement(config, options.fp8_loss_steps, options.seeds, options.batch_size, options.device)
+        report["preset"] = options.preset
+        return write_report(report, f"{options.preset}: " + fp8_loss_table(report), options.output)
     contender_options = {
         "backends": options.backends,
         "include_transformers": not options.no_transformers,
         "gradient_checkpointing": options.gradient_checkpointing,
         "cpu_paths": options.device == "cpu",
+        "fp8": options.fp8,
     }
     contenders = select_contenders(build_contenders(config, **contender_options), options.contenders)
     report = run_benchmark(
@@ -107,7 +141,8 @@ def main(args: list[str] | None = None) -> dict:
         dtype=options.dtype,
         rounds=options.rounds,
         iterations=options.iterations,
-        compile_model=options.compile,
+        compile_mode=options.compile,
+        reference=options.reference,
         cpu_memory_options=contender_options if options.cpu_memory else None,
         profile=options.profile,
     )

@@ -13,6 +13,8 @@ from hf_vit_custom.benchmark import (
     count_graph_breaks,
     cpu_training_step_memory_mb,
     data_table,
+    fp8_loss_agreement,
+    fp8_loss_table,
     import_seconds,
     import_table,
     markdown_table,
@@ -162,14 +164,41 @@ def test_contenders_are_chosen_by_name_and_an_unknown_name_lists_the_real_ones()
         select_contenders(contenders, ["timm"])
 
 
-def test_script_refuses_an_unknown_contender_with_a_usage_message(capsys):
+def benchmark_script():
     spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_script_refuses_an_unknown_contender_with_a_usage_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(lambda: script.main(["--contenders", "hf_vit_custom-sdpa", "timmm"]))
+        run(lambda: benchmark_script().main(["--contenders", "hf_vit_custom-sdpa", "timmm"]))
     assert exit_info.value.code == 2
     assert "Unknown contender(s) ['timmm']; this run has ['hf_vit_custom-sdpa'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--fp8"], ["--fp8_loss_steps", "200"]], ids=["contender", "loss-check"])
+def test_script_refuses_fp8_on_the_cpu(capsys, tmp_path, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: benchmark_script().main(["--device", "cpu", "--output", str(tmp_path / "out"), *flags]))
+    assert exit_info.value.code == 2
+    assert "`--fp8` needs a CUDA GPU with FP8 tensor cores" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_compile_mode_compiles_every_trainer_and_starts_a_step_per_call(monkeypatch):
+    """CUDA graphs (`reduce-overhead`) replay into the same output buffers: each call must say a new step begins."""
+    modes, steps = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    contenders = build_contenders(config, ["sdpa", "eager"], include_transformers=False, include_timm=False)
+    report = run_benchmark(config, contenders, batch_size=2, rounds=2, warmup=1, compile_mode="reduce-overhead")
+    assert modes == ["reduce-overhead", "reduce-overhead"] and report["compiled"] == "reduce-overhead"
+    calls_per_contender = 2 * (1 + 2 * 2)  # inference and training: the warm-up, then an untimed and a timed call
+    assert len(steps) == 2 * calls_per_contender
+    assert ", compiled (reduce-overhead)," in markdown_table(report)
 
 
 @pytest.mark.parametrize(
@@ -229,3 +258,38 @@ def test_the_data_benchmark_times_the_training_transform_on_the_sample_photos():
 def test_workers_per_gpu_rounds_up():
     assert workers_per_gpu(100.0, 3493.0) == 35
     assert workers_per_gpu(3493.0, 3493.0) == 1
+
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+
+
+@needs_torchao
+def test_the_fp8_contender_runs_the_blocks_linears_in_fp8():
+    """On the CPU torchao emulates the FP8 matmul: slow, but the same conversion as on an FP8 GPU."""
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    contenders = build_contenders(config, ["sdpa"], include_transformers=False, include_timm=False, fp8=True)
+    assert [contender.name for contender in contenders] == ["hf_vit_custom-sdpa", "hf_vit_custom-sdpa-fp8"]
+    model = contenders[1].build()
+    assert type(model.vit.layers[0].mlp.fc1).__name__ == "Float8Linear" and type(model.classifier) is torch.nn.Linear
+    report = run_benchmark(config, contenders, batch_size=2, rounds=1, warmup=1, reference="hf_vit_custom-sdpa")
+    row = report["results"][1]
+    assert row["dtype"] == "fp8" and row["training_images_per_s"] > 0 and row["training_speedup"] > 0
+    assert row["training_flops_share"] is None  # no FP8 ceiling is measured
+
+
+@needs_torchao
+def test_the_fp8_loss_check_trains_both_precisions_from_the_same_start():
+    config = ViTCustomConfig(**tiny_config_kwargs())
+    report = fp8_loss_agreement(config, steps=12, seeds=2, batch_size=4, device="cpu", learning_rate=1e-3)
+    bf16, fp8 = report["losses"]["bf16"], report["losses"]["fp8"]
+    assert len(bf16) == len(fp8) == 2 and all(0 < loss < 10 for loss in bf16 + fp8)
+    assert report["bf16_spread"] == max(bf16) - min(bf16)
+    assert report["within_bf16_spread"] == (abs(report["fp8_minus_bf16"]) <= report["bf16_spread"])
+    assert abs(report["fp8_minus_bf16"]) < 0.5  # the same model, data and start: FP8 rounding only
+    table = fp8_loss_table(report)
+    assert "| seed 0 | seed 1 |" in table and table.count("\n| bf16 | ") == table.count("\n| fp8 | ") == 1
+
+
+def test_the_fp8_loss_check_needs_a_spread():
+    with pytest.raises(ValueError, match="2 seeds"):
+        fp8_loss_agreement(ViTCustomConfig(**tiny_config_kwargs()), steps=200, seeds=1, device="cpu")

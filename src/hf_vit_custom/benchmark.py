@@ -30,11 +30,13 @@ from torch import nn
 from .configuration_vit_custom import ViTCustomConfig, to_pair
 from .conversion import config_to_transformers
 from .cpu_speed import ONEDNN_BF16_LINEAR, optimize_for_cpu
+from .fp8 import fp8_recipe
 from .modeling_vit_custom import ViTCustomForImageClassification
 from .onnx_export import ONNX_FILE, cpu_session, quantize_int8, write_onnx_graph
 
-# A contender's dtype -> the autocast dtype it runs under; "int8" is an inference runtime's own quantised arithmetic.
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": None}
+# A contender's dtype -> the autocast dtype it runs under; "int8" is an inference runtime's own quantised arithmetic,
+# "fp8" torchao's FP8 linears (`fp8.converts_to_fp8`'s layers) with the rest under bf16 autocast, as `--fp8` trains.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": None, "fp8": torch.bfloat16}
 # The dtypes whose large-matmul ceiling a run measures; an int8 contender's share of a float ceiling would mislead.
 CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,9 +45,9 @@ CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Contender:
     """A named model factory; `build()` returns a fresh classifier taking `pixel_values` and returning logits.
 
-    `dtype` fixes the contender's precision ("fp32", "bf16" for autocast, "int8" for a quantised runtime; None takes
-    the run's). `trains=False`
-    marks an inference runtime (onnxruntime): timed for inference only, never compiled.
+    `dtype` fixes the contender's precision ("fp32", "bf16" for autocast, "int8" for a quantised runtime, "fp8" for
+    FP8 linears; None takes the run's). `trains=False` marks an inference runtime (onnxruntime): timed for inference
+    only, never compiled.
     """
 
     name: str
@@ -61,7 +63,7 @@ class Measurement:
     dtype: str
     inference_images_per_s: float
     training_images_per_s: float | None  # None for an inference runtime
-    # Achieved FLOP/s over the same run's large-matmul FLOP/s in the contender's dtype (None for int8)
+    # Achieved FLOP/s over the same run's large-matmul FLOP/s in the contender's dtype (None for int8 and fp8)
     inference_flops_share: float | None
     training_flops_share: float | None
     # CUDA: torch.cuda.max_memory_allocated; CPU: growth of the resident set during one step (`--cpu_memory`)
@@ -149,14 +151,17 @@ def build_contenders(
     include_timm: bool = True,
     gradient_checkpointing: bool = False,
     cpu_paths: bool = False,
+    fp8: bool = False,
 ) -> list[Contender]:
     """This package with each attention backend, transformers' ViT (sdpa, eager), and timm when it imports.
 
     `gradient_checkpointing` adds this package's first backend with activation checkpointing on. `cpu_paths` adds the
     CPU deployment paths: `hf_vit_custom-cpu`, the SDPA model with `cpu_speed.optimize_for_cpu` applied, the same in
     bf16 autocast where the CPU has native bf16 (`hf_vit_custom-cpu-bf16`), and, when onnxruntime imports,
-    `onnxruntime_contenders`. Each model gets its own copy of the configuration: `_from_config` records the backend
-    on the configuration it is given, so models sharing one would all run the backend of the last one built.
+    `onnxruntime_contenders`. `fp8` adds `hf_vit_custom-sdpa-fp8`, the SDPA model with the layers `--fp8` trains in
+    FP8 converted as Accelerate converts them (`as_fp8_training`). Each model gets its own copy of the configuration:
+    `_from_config` records the backend on the configuration it is given, so models sharing one would all run the
+    backend of the last one built.
     """
 
     def ours(backend: str, checkpointing: bool = False) -> nn.Module:
@@ -180,6 +185,12 @@ def build_contenders(
             import onnxruntime  # noqa: F401
 
             contenders += onnxruntime_contenders(lambda: ours("sdpa"))
+    if fp8:
+        contenders.append(
+            Contender(
+                "hf_vit_custom-sdpa-fp8", lambda: as_fp8_training(ours("sdpa")), lambda model, x: model(x).logits, "fp8"
+            )
+        )
     if gradient_checkpointing:
         contenders.append(
             Contender(
@@ -226,6 +237,16 @@ def build_contenders(
     return contenders
 
 
+def as_fp8_training(model: nn.Module) -> nn.Module:
+    """`model` with the linears `fp8.converts_to_fp8` picks swapped for torchao's `Float8Linear`, by the recipe and
+    the function `Accelerator.prepare` uses under `--fp8`."""
+    from accelerate.utils.ao import convert_model_to_fp8_ao
+
+    recipe = fp8_recipe()
+    convert_model_to_fp8_ao(model, config=recipe.config, module_filter_func=recipe.module_filter_func)
+    return model
+
+
 def select_contenders(contenders: list[Contender], names: list[str] | None) -> list[Contender]:
     """The named contenders, in the order given (all of them for None); an unknown name is an error that lists them."""
     if names is None:
@@ -240,15 +261,26 @@ def select_contenders(contenders: list[Contender], names: list[str] | None) -> l
 class Runner:
     """One contender on the device: an inference closure and a training-step closure (forward, backward, AdamW).
 
-    The contender runs in its own dtype, or else in `dtype`, the run's.
+    The contender runs in its own dtype, or else in `dtype`, the run's; compiled with `torch.compile`'s `compile_mode`
+    unless that is None. Under "reduce-overhead" (CUDA graphs) every call starts a new step
+    (`cudagraph_mark_step_begin`): a graph replay overwrites the outputs of the last, which a training step would
+    otherwise still hold.
     """
 
-    def __init__(self, contender: Contender, batch: torch.Tensor, labels: torch.Tensor, dtype: str, compile_model):
+    def __init__(
+        self,
+        contender: Contender,
+        batch: torch.Tensor,
+        labels: torch.Tensor,
+        dtype: str,
+        compile_mode: str | None = None,
+    ):
         self.contender = contender
         self.device = batch.device
         torch.manual_seed(0)
         model = contender.build().to(self.device)
-        self.model = torch.compile(model) if compile_model and contender.trains else model
+        self.compiled = compile_mode is not None and contender.trains
+        self.model = torch.compile(model, mode=compile_mode) if self.compiled else model
         # Fused AdamW, the optimiser Trainer uses by default (`optim="adamw_torch_fused"`).
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if contender.trains else None
         self.batch, self.labels = batch, labels
@@ -262,11 +294,15 @@ class Runner:
 
     def infer(self) -> None:
         self.model.eval()
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), self.autocast_context():
             self.contender.logits(self.model, self.batch)
 
     def train_step(self) -> None:
         self.model.train()
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast_context():
             loss = nn.functional.cross_entropy(self.contender.logits(self.model, self.batch).float(), self.labels)
         loss.backward()
@@ -293,7 +329,7 @@ def _training_step_memory_mb(config_values: dict, name: str, batch_size: int, dt
     height, width = to_pair(config.image_size)
     batch = torch.randn(batch_size, config.num_channels, height, width)
     labels = torch.randint(0, config.num_labels, (batch_size,))
-    runner = Runner(contender, batch, labels, dtype, compile_model=False)
+    runner = Runner(contender, batch, labels, dtype)
     for parameter in runner.model.parameters():  # the optimiser's state, allocated before the measured step
         runner.optimizer.state[parameter] = {
             "step": torch.tensor(0.0),
@@ -402,7 +438,7 @@ def run_benchmark(
     rounds: int = 9,
     iterations: int = 1,
     warmup: int = 2,
-    compile_model: bool = False,
+    compile_mode: str | None = None,
     cpu_memory_options: dict | None = None,
     reference: str = "transformers-sdpa",
     profile: bool = False,
@@ -411,7 +447,8 @@ def run_benchmark(
     """Measure every contender in interleaved rounds and return the medians, the ceiling and the environment.
 
     Speed-ups are against `reference`, when it is among the contenders; inference runtimes get no training figures.
-    `profile` adds, after the timed rounds, where each contender's inference call and training step spend their time
+    `compile_mode` compiles every contender that trains with that `torch.compile` mode (`Runner`). `profile` adds,
+    after the timed rounds, where each contender's inference call and training step spend their time
     (`profile_by_op_group`).
 
     `cpu_memory_options` (the `build_contenders` arguments that rebuild `contenders` in a fresh process) also
@@ -424,7 +461,7 @@ def run_benchmark(
     height, width = to_pair(config.image_size)
     batch = torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device)
     labels = torch.randint(0, config.num_labels, (batch_size,), generator=generator).to(device)
-    runners = [Runner(contender, batch, labels, dtype, compile_model) for contender in contenders]
+    runners = [Runner(contender, batch, labels, dtype, compile_mode) for contender in contenders]
     for runner in runners:
         for _ in range(warmup):
             runner.infer()
@@ -497,7 +534,7 @@ def run_benchmark(
         "dtype": dtype,
         "batch_size": batch_size,
         "rounds": rounds,
-        "compiled": compile_model,
+        "compiled": compile_mode,  # `torch.compile`'s mode, None when not compiled
         "reference": reference,
         "matmul_flops_per_second": ceilings[dtype],
         "matmul_flops_per_second_by_dtype": ceilings,
@@ -507,6 +544,88 @@ def run_benchmark(
     if profile:
         report["profile"] = profile_by_op_group(runners, device)
     return report
+
+
+def fp8_loss_agreement(
+    config: ViTCustomConfig,
+    steps: int = 200,
+    seeds: int = 3,
+    batch_size: int = 32,
+    device: str = "cuda",
+    learning_rate: float = 1e-4,
+    pool_batches: int = 8,
+    final_steps: int = 10,
+) -> dict:
+    """Train the SDPA classifier `steps` AdamW steps in bf16 autocast and with `--fp8`'s FP8 linears, from the same
+    weights and data at each of `seeds` seeds, on random images and labels (a pool of `pool_batches` batches taken
+    in turn, so that the loss falls as the model memorises them). Each run's loss is the mean of its last
+    `final_steps` steps; FP8 agrees when its mean over the seeds lies within bf16's run-to-run spread (the largest
+    minus the smallest bf16 loss) of bf16's mean."""
+    if steps < final_steps or seeds < 2:
+        raise ValueError(
+            f"An FP8 loss check needs at least {final_steps} steps and 2 seeds (a spread), got {steps} and {seeds}."
+        )
+    device = torch.device(device)
+    height, width = to_pair(config.image_size)
+    losses: dict[str, list[float]] = {"bf16": [], "fp8": []}
+    for seed in range(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        pool = [
+            (
+                torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device),
+                torch.randint(0, config.num_labels, (batch_size,), generator=generator).to(device),
+            )
+            for _ in range(pool_batches)
+        ]
+        for precision in losses:
+            torch.manual_seed(seed)
+            model = ViTCustomForImageClassification._from_config(copy.deepcopy(config), attn_implementation="sdpa")
+            model = (as_fp8_training(model) if precision == "fp8" else model).to(device).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device.type == "cuda")
+            step_losses = []
+            for step in range(steps):
+                pixels, labels = pool[step % pool_batches]
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    logits = model(pixels).logits
+                loss = nn.functional.cross_entropy(logits.float(), labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_losses.append(loss.detach())
+            losses[precision].append(torch.stack(step_losses[-final_steps:]).mean().item())
+    bf16_mean, fp8_mean = statistics.mean(losses["bf16"]), statistics.mean(losses["fp8"])
+    spread = max(losses["bf16"]) - min(losses["bf16"])
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "losses": losses,
+        "bf16_spread": spread,
+        "fp8_minus_bf16": fp8_mean - bf16_mean,
+        "within_bf16_spread": abs(fp8_mean - bf16_mean) <= spread,
+    }
+
+
+def fp8_loss_table(report: dict) -> str:
+    """The per-seed final losses of `fp8_loss_agreement` and its verdict."""
+    lines = [
+        f"{report['device_name']}, {report['steps']} AdamW steps (lr {report['learning_rate']:g}) at batch "
+        f"{report['batch_size']} on random data; loss = mean of the last steps",
+        "",
+        "| precision | " + " | ".join(f"seed {seed}" for seed in range(len(report["losses"]["bf16"]))) + " |",
+        "|---|" + "---|" * len(report["losses"]["bf16"]),
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(f"{loss:.4f}" for loss in row) + " |" for name, row in report["losses"].items()
+    ]
+    verdict = "within" if report["within_bf16_spread"] else "outside"
+    lines += [
+        "",
+        f"FP8 minus bf16 (means over the seeds): {report['fp8_minus_bf16']:+.4f}, {verdict} bf16's spread over the "
+        f"seeds ({report['bf16_spread']:.4f}).",
+    ]
+    return "\n".join(lines)
 
 
 def training_transform_throughput(
@@ -626,9 +745,11 @@ def markdown_table(report: dict) -> str:
     def cell(value: float | None, form: str, unit: str = "") -> str:
         return "-" if value is None else format(value, form) + unit
 
+    compiled = f", compiled ({report['compiled']})" if report["compiled"] else ""
     lines = [
-        f"{report['device_name']}, {report['dtype']}, batch {report['batch_size']}, {report['threads']} threads, "
-        f"median of {report['rounds']} interleaved rounds; large-matmul ceiling {ceilings}",
+        f"{report['device_name']}, {report['dtype']}{compiled}, batch {report['batch_size']}, "
+        f"{report['threads']} threads, median of {report['rounds']} interleaved rounds; "
+        f"large-matmul ceiling {ceilings}",
         "",
         "| contender | dtype | inference img/s | (share of ceiling) | training img/s | (share of ceiling) "
         f"| inference vs {reference} | training vs {reference} | peak training MB |",
