@@ -88,6 +88,18 @@ def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int 
 
 
 @pytest.fixture
+def compile_counters():
+    """`torch.compile`'s counters (graphs captured, graph breaks by reason) from a fresh dynamo, which is reset again
+    afterwards: compiled code and its counters are per process, shared by the tests a worker runs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def tiny_config():
     return hf_vit_custom.ViTCustomConfig(**tiny_config_kwargs())
 

@@ -79,10 +79,21 @@ def test_fp8_with_fp16_is_refused():
         training.ViTTrainingArguments(fp8=True, fp16=True, report_to="none")
 
 
+@needs_torchao
+def test_the_recipe_pads_every_batch_size_to_fp8_matmul_sizes_and_keeps_weights_saveable():
+    config = fp8.fp8_recipe().config
+    assert config.pad_inner_dim and not config.enable_fsdp_float8_all_gather
+
+
 @pytest.fixture
 def fp8_on_this_cpu(monkeypatch):
     """Let `--fp8` through on the CPU, where torchao emulates the FP8 matmul."""
     monkeypatch.setattr(training, "fp8_unavailable_reason", lambda use_cpu=False: None)
+
+
+def parsed(arguments_class: type, args: list[str]) -> tuple:
+    """A training script's flags, parsed as its `main` parses them (`arguments_class`: its training arguments)."""
+    return training.parse_arguments((training.ModelArguments, training.DataArguments, arguments_class), args)
 
 
 def fp8_run_args(output_dir) -> list[str]:
@@ -119,10 +130,7 @@ def test_trainer_trains_the_blocks_in_fp8_and_saves_a_plain_model(tmp_path, monk
         return metrics
 
     monkeypatch.setattr(training, "train_save_and_evaluate", recording)
-    parsed = training.parse_arguments(
-        (training.ModelArguments, training.DataArguments, training.ViTTrainingArguments), fp8_run_args(tmp_path)
-    )
-    metrics = training.train(*parsed)
+    metrics = training.train(*parsed(training.ViTTrainingArguments, fp8_run_args(tmp_path)))
     assert seen["precision"] == "fp8"
     assert_blocks_in_fp8(seen["classes"])
     assert torch.isfinite(torch.tensor(metrics["train_loss"])) and len(metrics["demo_predictions"]) == 2
@@ -141,10 +149,9 @@ def test_accelerate_loop_trains_the_blocks_in_fp8_and_saves_a_plain_model(tmp_pa
         return finish(run, data_args)
 
     monkeypatch.setattr(accelerate_loop, "_finish", recording)
-    parsed = training.parse_arguments(
-        (training.ModelArguments, training.DataArguments, accelerate_loop.AccelerateArguments), fp8_run_args(tmp_path)
+    metrics = accelerate_loop.train_with_accelerate(
+        *parsed(accelerate_loop.AccelerateArguments, fp8_run_args(tmp_path))
     )
-    metrics = accelerate_loop.train_with_accelerate(*parsed)
     assert seen["precision"] == "fp8"
     assert_blocks_in_fp8(seen["classes"])
     assert torch.isfinite(torch.tensor(metrics["train_loss"])) and len(metrics["demo_predictions"]) == 2
@@ -152,22 +159,11 @@ def test_accelerate_loop_trains_the_blocks_in_fp8_and_saves_a_plain_model(tmp_pa
 
 
 @needs_torchao
-def test_fp8_training_compiles_without_graph_breaks(tmp_path, fp8_on_this_cpu):
+def test_fp8_training_compiles_without_graph_breaks(tmp_path, fp8_on_this_cpu, compile_counters):
     """torchao's FP8 linears inside Trainer's `--torch_compile true` (dynamo's eager backend, as in
     `tests/test_training.py`): one graph per pass, as in bf16."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
     flags = ["--torch_compile", "true", "--torch_compile_backend", "eager", "--eval_strategy", "no"]
     args = [*fp8_run_args(tmp_path), "--save_strategy", "no", "--num_demo_predictions", "0", *flags]
-    try:
-        training.train(
-            *training.parse_arguments(
-                (training.ModelArguments, training.DataArguments, training.ViTTrainingArguments), args
-            )
-        )
-        assert counters["stats"]["calls_captured"] > 0
-        assert dict(counters["graph_break"]) == {}
-    finally:
-        torch._dynamo.reset()
+    training.train(*parsed(training.ViTTrainingArguments, args))
+    assert compile_counters["stats"]["calls_captured"] > 0
+    assert dict(compile_counters["graph_break"]) == {}

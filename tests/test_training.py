@@ -371,17 +371,10 @@ def test_default_workers_feed_a_gpu_within_each_process_share_of_the_cpus(monkey
     [[], ["--mixup_alpha", "0.8", "--cutmix_alpha", "1.0", "--label_smoothing_factor", "0.1", "--bf16", "true"]],
     ids=["plain", "mixup-cutmix-bf16"],
 )
-def test_trainer_compiles_the_training_forward_without_graph_breaks(tmp_path, recipe):
+def test_trainer_compiles_the_training_forward_without_graph_breaks(tmp_path, recipe, compile_counters):
     """`--torch_compile true` as Trainer applies it (through Accelerate, under its autocast), with labels: dynamo's
     eager backend traces the same graphs as inductor, without inductor's minutes of code generation on a CPU."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
     flags = ["--torch_compile", "true", "--torch_compile_backend", "eager", "--eval_strategy", "no", *recipe]
-    try:
-        train(*parse(quick_args(tmp_path, "--save_strategy", "no", "--num_demo_predictions", "0", *flags)))
-        assert counters["stats"]["calls_captured"] > 0  # something was compiled
-        assert dict(counters["graph_break"]) == {}
-    finally:
-        torch._dynamo.reset()
+    train(*parse(quick_args(tmp_path, "--save_strategy", "no", "--num_demo_predictions", "0", *flags)))
+    assert compile_counters["stats"]["calls_captured"] > 0  # something was compiled
+    assert dict(compile_counters["graph_break"]) == {}

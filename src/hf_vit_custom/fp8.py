@@ -51,10 +51,13 @@ def converts_to_fp8(module: nn.Module, name: str) -> bool:
 def fp8_recipe() -> AORecipeKwargs:
     """Accelerate's torchao FP8 recipe over the layers `converts_to_fp8` chooses (a kwargs handler).
 
-    Without Accelerate's default FP8 all-gather for FSDP2: it wraps every converted weight in a tensor subclass that
-    has no storage of its own, which safetensors cannot save, so no checkpoint or final model could be written.
+    Padded matmuls: `torch._scaled_mm` needs inner dimensions that are multiples of 16, and in the weight gradient
+    that is the batch's token count (197 per 224-pixel image at patch 16), so unpadded only batches of a multiple of 16
+    images, and no epoch's partial last batch, could train. Without Accelerate's default FP8 all-gather for FSDP2: it
+    wraps every converted weight in a tensor subclass that has no storage of its own, which safetensors cannot save,
+    so no checkpoint or final model could be written.
     """
-    return AORecipeKwargs(module_filter_func=converts_to_fp8, enable_fsdp_float8_all_gather=False)
+    return AORecipeKwargs(module_filter_func=converts_to_fp8, pad_inner_dim=True, enable_fsdp_float8_all_gather=False)
 
 
 __all__ = ["converts_to_fp8", "fp8_recipe", "fp8_unavailable_reason"]
