@@ -79,6 +79,16 @@ def test_fp8_with_fp16_is_refused():
         training.ViTTrainingArguments(fp8=True, fp16=True, report_to="none")
 
 
+def test_accelerate_launchs_fp8_switch_means_fp8_with_the_same_checks(monkeypatch):
+    """`accelerate launch --mixed_precision fp8` reaches the scripts as ACCELERATE_MIXED_PRECISION."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ValueError, match=r"--fp8.*none"):
+        training.ViTTrainingArguments(use_cpu=True, report_to="none")
+    monkeypatch.setattr(training, "fp8_unavailable_reason", lambda use_cpu=False: None)
+    arguments = training.ViTTrainingArguments(use_cpu=True, report_to="none")
+    assert arguments.fp8 and arguments.mixed_precision == "fp8"
+
+
 @needs_torchao
 def test_the_recipe_pads_every_batch_size_to_fp8_matmul_sizes_and_keeps_weights_saveable():
     config = fp8.fp8_recipe().config
