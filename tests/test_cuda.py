@@ -158,19 +158,24 @@ def test_a_compiled_trainer_step_is_one_graph_per_pass_and_never_waits_for_the_g
     assert compile_counters["stats"]["calls_captured"] > 0 and dict(compile_counters["graph_break"]) == {}
 
 
-def test_cuda_graph_benchmark_trains_every_contender():
-    """`--compile reduce-overhead`: a replayed graph overwrites the outputs of the last, so every call marks a step."""
-    contenders = build_contenders(config(), ["sdpa"], include_timm=False)
-    report = run_benchmark(
+def compiled_benchmark(contenders, compile_mode: str, **options) -> dict:
+    """Two short rounds of the benchmark in bf16 at batch 16, every contender compiled in `compile_mode`."""
+    return run_benchmark(
         config(),
         contenders,
-        batch_size=8,
+        batch_size=16,
         device="cuda",
         dtype="bf16",
         rounds=2,
         warmup=2,
-        compile_mode="reduce-overhead",
+        compile_mode=compile_mode,
+        **options,
     )
+
+
+def test_cuda_graph_benchmark_trains_every_contender():
+    """`--compile reduce-overhead`: a replayed graph overwrites the outputs of the last, so every call marks a step."""
+    report = compiled_benchmark(build_contenders(config(), ["sdpa"], include_timm=False), "reduce-overhead")
     assert report["compiled"] == "reduce-overhead"
     assert all(row["training_images_per_s"] > 0 and row["inference_images_per_s"] > 0 for row in report["results"])
 
@@ -186,17 +191,7 @@ def test_fp8_trainer_runs_the_blocks_on_the_fp8_tensor_cores_compiled(tmp_path, 
 @needs_fp8
 def test_fp8_benchmark_contender_and_loss_check_run_on_the_gpu():
     contenders = build_contenders(config(), ["sdpa"], include_transformers=False, include_timm=False, fp8=True)
-    report = run_benchmark(
-        config(),
-        contenders,
-        batch_size=16,
-        device="cuda",
-        dtype="bf16",
-        rounds=2,
-        warmup=2,
-        compile_mode="default",
-        reference="hf_vit_custom-sdpa",
-    )
+    report = compiled_benchmark(contenders, "default", reference="hf_vit_custom-sdpa")
     fp8_row = report["results"][1]
     assert fp8_row["name"] == "hf_vit_custom-sdpa-fp8" and fp8_row["training_images_per_s"] > 0
     agreement = fp8_loss_agreement(config(), steps=20, seeds=2, batch_size=16, learning_rate=1e-3)
