@@ -118,8 +118,8 @@ def main(args: list[str] | None = None) -> dict:
     if options.threads:
         torch.set_num_threads(options.threads)
     config = ViTCustomConfig.from_preset(options.preset, num_labels=options.num_labels)
-    fp8_reason = fp8_unavailable_reason(use_cpu=options.device == "cpu")
-    if (options.fp8 or options.fp8_loss_steps is not None) and fp8_reason is not None:
+    wants_fp8 = options.fp8 or options.fp8_loss_steps is not None
+    if wants_fp8 and (fp8_reason := fp8_unavailable_reason(use_cpu=options.device == "cpu")) is not None:
         raise ValueError(fp8_reason)
     if options.fp8_loss_steps is not None:
         report = fp8_loss_agreement(config, options.fp8_loss_steps, options.seeds, options.batch_size, options.device)

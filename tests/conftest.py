@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configurations that build in milliseconds on a CPU."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -85,6 +86,17 @@ def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int 
             pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f"{name}_{index}.png")
     return root
+
+
+# FP8 training runs through torchao, which is not a dependency: the tests that train in FP8 need it installed.
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+
+
+def script_arguments(training_arguments_class: type, args: list[str]) -> tuple:
+    """A training script's flags parsed as its `main` parses them: model, data and `training_arguments_class`."""
+    from hf_vit_custom.training import DataArguments, ModelArguments, parse_arguments
+
+    return parse_arguments((ModelArguments, DataArguments, training_arguments_class), args)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import REPO, tiny_config_kwargs
+from conftest import REPO, needs_torchao, tiny_config_kwargs
 
 from hf_vit_custom import ViTCustomConfig
 from hf_vit_custom.benchmark import (
@@ -258,9 +258,6 @@ def test_the_data_benchmark_times_the_training_transform_on_the_sample_photos():
 def test_workers_per_gpu_rounds_up():
     assert workers_per_gpu(100.0, 3493.0) == 35
     assert workers_per_gpu(3493.0, 3493.0) == 1
-
-
-needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
 
 
 @needs_torchao

@@ -7,7 +7,7 @@ ones also need torchao: `pip install torchao`).
 
 import pytest
 import torch
-from conftest import small_run_args, tiny_config_kwargs
+from conftest import script_arguments, small_run_args, tiny_config_kwargs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainerCallback
 
@@ -135,11 +135,7 @@ def compiled_trainer_run(tmp_path, monkeypatch, *flags: str, checked_from: int |
         *("--eval_strategy", "no", "--save_strategy", "no", "--num_demo_predictions", "0", *flags),
     ]
     try:
-        metrics = training.train(
-            *training.parse_arguments(
-                (training.ModelArguments, training.DataArguments, training.ViTTrainingArguments), args
-            )
-        )
+        metrics = training.train(*script_arguments(training.ViTTrainingArguments, args))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))

@@ -6,11 +6,9 @@ matmul then runs emulated, which exercises the same conversion, training, checkp
 `tests/test_cuda.py` checks the GPU kernels themselves.
 """
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import small_run_args, tiny_config_kwargs
+from conftest import needs_torchao, script_arguments, small_run_args, tiny_config_kwargs
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
@@ -19,8 +17,6 @@ import hf_vit_custom.fp8 as fp8
 import hf_vit_custom.training as training
 from hf_vit_custom import ViTCustomConfig, ViTCustomForImageClassification
 from hf_vit_custom.modeling_vit_custom_mae import ViTCustomForMaskedImageModeling
-
-needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
 
 
 def converted_names(model: torch.nn.Module) -> set[str]:
@@ -101,11 +97,6 @@ def fp8_on_this_cpu(monkeypatch):
     monkeypatch.setattr(training, "fp8_unavailable_reason", lambda use_cpu=False: None)
 
 
-def parsed(arguments_class: type, args: list[str]) -> tuple:
-    """A training script's flags, parsed as its `main` parses them (`arguments_class`: its training arguments)."""
-    return training.parse_arguments((training.ModelArguments, training.DataArguments, arguments_class), args)
-
-
 def fp8_run_args(output_dir) -> list[str]:
     return [*small_run_args(output_dir), "--fp8", "true", "--disable_tqdm", "true", "--num_demo_predictions", "2"]
 
@@ -140,7 +131,7 @@ def test_trainer_trains_the_blocks_in_fp8_and_saves_a_plain_model(tmp_path, monk
         return metrics
 
     monkeypatch.setattr(training, "train_save_and_evaluate", recording)
-    metrics = training.train(*parsed(training.ViTTrainingArguments, fp8_run_args(tmp_path)))
+    metrics = training.train(*script_arguments(training.ViTTrainingArguments, fp8_run_args(tmp_path)))
     assert seen["precision"] == "fp8"
     assert_blocks_in_fp8(seen["classes"])
     assert torch.isfinite(torch.tensor(metrics["train_loss"])) and len(metrics["demo_predictions"]) == 2
@@ -160,7 +151,7 @@ def test_accelerate_loop_trains_the_blocks_in_fp8_and_saves_a_plain_model(tmp_pa
 
     monkeypatch.setattr(accelerate_loop, "_finish", recording)
     metrics = accelerate_loop.train_with_accelerate(
-        *parsed(accelerate_loop.AccelerateArguments, fp8_run_args(tmp_path))
+        *script_arguments(accelerate_loop.AccelerateArguments, fp8_run_args(tmp_path))
     )
     assert seen["precision"] == "fp8"
     assert_blocks_in_fp8(seen["classes"])
@@ -174,6 +165,6 @@ def test_fp8_training_compiles_without_graph_breaks(tmp_path, fp8_on_this_cpu, c
     `tests/test_training.py`): one graph per pass, as in bf16."""
     flags = ["--torch_compile", "true", "--torch_compile_backend", "eager", "--eval_strategy", "no"]
     args = [*fp8_run_args(tmp_path), "--save_strategy", "no", "--num_demo_predictions", "0", *flags]
-    training.train(*parsed(training.ViTTrainingArguments, args))
+    training.train(*script_arguments(training.ViTTrainingArguments, args))
     assert compile_counters["stats"]["calls_captured"] > 0
     assert dict(compile_counters["graph_break"]) == {}

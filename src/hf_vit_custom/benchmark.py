@@ -262,9 +262,9 @@ class Runner:
     """One contender on the device: an inference closure and a training-step closure (forward, backward, AdamW).
 
     The contender runs in its own dtype, or else in `dtype`, the run's; compiled with `torch.compile`'s `compile_mode`
-    unless that is None. Under "reduce-overhead" (CUDA graphs) every call starts a new step
-    (`cudagraph_mark_step_begin`): a graph replay overwrites the outputs of the last, which a training step would
-    otherwise still hold.
+    unless that is None. Compiled, every call starts a new step (`cudagraph_mark_step_begin`), which
+    "reduce-overhead" (CUDA graphs) needs: a graph replay overwrites the outputs of the last, which a training step
+    would otherwise still hold.
     """
 
     def __init__(
